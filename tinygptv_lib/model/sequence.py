@@ -1,0 +1,96 @@
+"""How an image and text become one training sequence (MiniGPT-v2 / TinyGPT-V layout).
+
+    [BOS] [prompt tokens, with 32 image slots where `<ImageHere>` stood] [answer + end_sym] [PAD...]
+    targets: -100 everywhere except the answer tokens and the end symbol.
+
+The image slots carry the id IMAGE_SLOT (-200) in `input_ids`; the model swaps them for the 32
+projected Q-Former outputs. Padding is on the right for training, on the left for generation.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+IMAGE_SLOT = -200
+IGNORE = -100
+PLACEHOLDER = "<ImageHere>"
+
+
+@dataclass
+class TextBatch:
+    input_ids: torch.Tensor  # (B, T) token ids, IMAGE_SLOT at image positions, pad elsewhere unused
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens and image slots
+    targets: torch.Tensor  # (B, T) answer ids, IGNORE elsewhere
+    has_image: torch.Tensor  # (B,) bool: which samples carry an image (text-only instructions exist)
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets, self.has_image)))
+
+
+def tokenize_prompt(tokenizer, prompt: str, num_query_tokens: int, max_prompt_len: int | None = None) -> list[int]:
+    """Prompt text -> ids with `num_query_tokens` IMAGE_SLOT ids where the placeholder stands.
+
+    At most one placeholder. A prompt over `max_prompt_len` tokens loses text from its start (with a
+    warning), never image slots.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    n = prompt.count(PLACEHOLDER)
+    if n > 1:
+        raise ValueError(f"prompt has {n} '{PLACEHOLDER}' markers; TinyGPT-V takes one image per sample: {prompt[:80]!r}")
+    before, _, after = prompt.partition(PLACEHOLDER)
+    ids_before = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+    ids_after = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    slots = [IMAGE_SLOT] * num_query_tokens if n else []
+    ids = ids_before + slots + ids_after
+    if max_prompt_len is not None and len(ids) > max_prompt_len:
+        if len(slots) > max_prompt_len:
+            raise ValueError(f"max_prompt_len {max_prompt_len} cannot hold the {len(slots)} image slots")
+        warnings.warn(f"prompt of {len(ids)} tokens truncated to {max_prompt_len} (text cut from the start; "
+                      "the image is kept)", stacklevel=2)
+        text_budget = max_prompt_len - len(slots)
+        keep_after = min(len(ids_after), text_budget)
+        keep_before = text_budget - keep_after
+        ids = (ids_before[len(ids_before) - keep_before:] if keep_before else []) + slots + (
+            ids_after[len(ids_after) - keep_after:] if keep_after else [])
+    return ids
+
+
+def build_batch(tokenizer, prompts: list[str], answers: list[str], *, num_query_tokens: int,
+                end_sym: str = "\n", max_txt_len: int = 32, bos_id: int = 50256, pad_id: int = 50256,
+                max_prompt_len: int | None = None) -> TextBatch:
+    """Training batch, right-padded. The answer (+ end_sym) is cut to `max_txt_len` tokens."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    rows, tgts, has_image = [], [], []
+    for prompt, answer in zip(prompts, answers):
+        p = tokenize_prompt(tokenizer, prompt, num_query_tokens, max_prompt_len)
+        a = tokenizer(answer + end_sym, add_special_tokens=False)["input_ids"][:max_txt_len]
+        rows.append([bos_id] + p + a)
+        tgts.append([IGNORE] * (1 + len(p)) + a)
+        has_image.append(IMAGE_SLOT in p)
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, tgts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        targets[i, : len(t)] = torch.tensor(t)
+    return TextBatch(ids, mask, targets, torch.tensor(has_image))
+
+
+def build_prompt_batch(tokenizer, prompts: list[str], *, num_query_tokens: int, bos_id: int = 50256,
+                       pad_id: int = 50256, max_prompt_len: int | None = None) -> TextBatch:
+    """Generation batch: [BOS] + prompt, left-padded so every row ends where generation begins."""
+    rows = [[bos_id] + tokenize_prompt(tokenizer, p, num_query_tokens, max_prompt_len) for p in prompts]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    targets = torch.full_like(ids, IGNORE)
+    return TextBatch(ids, mask, targets, torch.tensor([IMAGE_SLOT in r for r in rows]))

@@ -1,0 +1,146 @@
+"""TinyGPT-V assembled: image -> EVA ViT -> ln_vision -> Q-Former -> two projections -> Phi-2.
+
+The 32 projected query outputs replace the `<ImageHere>` slots of the prompt (see `sequence.py`);
+Phi-2 (with TinyGPT-V's norms, and LoRA from stage 2 on) reads the spliced sequence. In training
+the vocabulary projection runs only at positions that have a target: a 51,200-row head on every
+image and prompt position would be wasted work.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TinyGPTVConfig
+from .phi import build_phi, norm_weight_names
+from .projection import Projection
+from .qformer import QFormer
+from .sequence import IGNORE, IMAGE_SLOT, TextBatch
+from .vision import VisionTower
+
+STAGES = (1, 2, 3, 4)
+
+
+class TinyGPTV(nn.Module):
+    def __init__(self, cfg: TinyGPTVConfig, stage: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision)
+        self.qformer = QFormer(cfg.qformer, encoder_width=cfg.vision.width)
+        self.projection = Projection(cfg.qformer.hidden_size, cfg.proj_hidden, cfg.phi.hidden_size)
+        self.phi = build_phi(cfg.phi)
+        self.stage: int | None = None
+        if stage is not None:
+            self.set_stage(stage)
+
+    # ----------------------------------------------------------------- stages and freezing
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.phi.named_parameters())
+
+    def add_lora(self) -> None:
+        """Wrap Phi's fused query_key_value and dense with LoRA (peft), in place. B starts at 0."""
+        if self.has_lora:
+            return
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lc = self.cfg.lora
+        peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
+                              target_modules=list(lc.target_modules))
+        inject_adapter_in_model(peft_cfg, self.phi)  # Phi only: the Q-Former also has `dense` layers
+
+    def set_stage(self, stage: int) -> None:
+        """The exact freeze policy of TinyGPT-V for a stage.
+
+        Trainable in every stage: both projections and the weights (not biases) of Phi's q/k
+        LayerNorms, post RMSNorms, input LayerNorms and final LayerNorm. Stages 2-4 add LoRA
+        (the paper's stage 1 has none; the original code added it there by accident). The ViT,
+        ln_vision and Q-Former stay frozen always.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage >= 2:
+            self.add_lora()
+        elif self.has_lora:
+            raise ValueError("stage 1 trains without LoRA, but this model already carries LoRA weights; "
+                             "build a fresh model for stage 1")
+        self.requires_grad_(False)
+        self.projection.requires_grad_(True)
+        trainable = set(norm_weight_names(self.phi))
+        for name, p in self.phi.named_parameters():
+            if name in trainable or "lora_" in name:
+                p.requires_grad_(True)
+        self.stage = stage
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.phi.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.vision.encoder.set_grad_checkpointing(True)
+
+    # ----------------------------------------------------------------- forward
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) -> image embeddings in Phi's space (B, num_query_tokens, phi_hidden)."""
+        feats = self.vision(pixels)
+        queries = self.qformer(feats)
+        return self.projection(queries.to(self.projection.proj1.weight.dtype))
+
+    def embed(self, batch: TextBatch, pixels: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image embeddings spliced into the IMAGE_SLOT positions."""
+        ids = batch.input_ids
+        slots = ids == IMAGE_SLOT
+        embed_tokens = self.phi.get_input_embeddings()
+        embeds = embed_tokens(ids.masked_fill(slots, self.cfg.pad_token_id))
+        n_img = int(batch.has_image.sum())
+        if n_img == 0:
+            return embeds
+        if image_embeds is None:
+            if pixels is None:
+                raise ValueError(f"{n_img} sample(s) have an image placeholder but no pixels were given")
+            image_embeds = self.encode_images(pixels)
+        q = self.cfg.qformer.num_query_tokens
+        if image_embeds.shape[0] != n_img or image_embeds.shape[1] != q:
+            raise ValueError(f"{n_img} sample(s) with an image need {n_img} x {q} image embeddings, "
+                             f"got {tuple(image_embeds.shape[:2])}")
+        embeds = embeds.clone()
+        embeds[slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
+        return embeds
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.phi.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, batch: TextBatch, pixels: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None) -> dict:
+        """Training loss (mean over answer tokens). Logits only where a target exists."""
+        embeds = self.embed(batch, pixels, image_embeds)
+        hidden = self.hidden_states(embeds, batch.attention_mask)
+        targets = batch.targets[:, 1:]
+        where = targets != IGNORE  # position t predicts token t + 1
+        if not bool(where.any()):
+            raise ValueError("the batch has no target tokens (every answer is empty or cut away)")
+        logits = self.phi.lm_head(hidden[:, :-1][where])
+        loss = F.cross_entropy(logits.float(), targets[where])
+        return {"loss": loss, "num_targets": int(where.sum())}
+
+    def full_logits(self, batch: TextBatch, pixels: torch.Tensor | None = None,
+                    image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at every position (for inspection and evaluation by loss ranking)."""
+        embeds = self.embed(batch, pixels, image_embeds)
+        return self.phi.lm_head(self.hidden_states(embeds, batch.attention_mask))
+
+
+def build_model(cfg_or_preset: TinyGPTVConfig | str = "nano", stage: int | None = 1,
+                device: str | torch.device | None = None) -> TinyGPTV:
+    """Build TinyGPT-V for a preset (random weights; see `tinygptv_lib.weights` to load real ones).
+
+    `device="meta"` builds the full-size model without allocating memory (for counting and plans).
+    """
+    from ..config import get_config
+
+    cfg = get_config(cfg_or_preset) if isinstance(cfg_or_preset, str) else cfg_or_preset
+    if device is None:
+        return TinyGPTV(cfg, stage=stage)
+    with torch.device(device):
+        return TinyGPTV(cfg, stage=stage)
