@@ -7,6 +7,8 @@ image and prompt position would be wasted work.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ STAGES = (1, 2, 3, 4)
 class TinyGPTV(nn.Module):
     def __init__(self, cfg: TinyGPTVConfig, stage: int | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)  # the model owns its config (set_image_size updates it)
         self.vision = VisionTower(cfg.vision)
         self.qformer = QFormer(cfg.qformer, encoder_width=cfg.vision.width)
         self.projection = Projection(cfg.qformer.hidden_size, cfg.proj_hidden, cfg.phi.hidden_size)
@@ -72,11 +74,22 @@ class TinyGPTV(nn.Module):
                 p.requires_grad_(True)
         self.stage = stage
 
+    def train(self, mode: bool = True) -> "TinyGPTV":
+        """The frozen towers (ViT, ln_vision, Q-Former) stay in eval mode: no dropout, as in the original."""
+        super().train(mode)
+        self.vision.eval()
+        self.qformer.eval()
+        return self
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def enable_gradient_checkpointing(self) -> None:
-        self.phi.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.phi, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.phi.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.phi.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision.encoder.set_grad_checkpointing(True)
 
     # ----------------------------------------------------------------- forward
