@@ -262,3 +262,15 @@ def test_cli_params_last_line():
     last = out.strip().splitlines()[-1]
     total = sum(REF.values())
     assert last == f"trainable 13809664 total {total}"
+
+
+def test_bos_embedding_is_a_real_trainable_row():
+    # Phi-2's BOS (50256) is also its pad id; an Embedding(padding_idx=50256) would zero the BOS row
+    # and block its gradient, and a zero BOS token makes gradients explode through the RMSNorm.
+    m = build_model("nano", stage=2)
+    emb = m.phi.get_input_embeddings()
+    assert emb.padding_idx is None
+    assert emb.weight[50256].abs().sum() > 0
+    emb.weight.requires_grad_(True)
+    m.phi(input_ids=torch.tensor([[50256, 15496, 995]])).logits.sum().backward()
+    assert emb.weight.grad[50256].abs().sum() > 0

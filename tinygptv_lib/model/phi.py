@@ -50,7 +50,9 @@ def build_hf_phi_config(cfg: PhiConfig) -> HFPhiConfig:
         tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=50256,
         eos_token_id=50256,
-        pad_token_id=50256,
+        # No padding_idx: in Phi-2 the pad id is also BOS, and nn.Embedding(padding_idx=50256) would
+        # zero the BOS row and block its gradient (a zero BOS explodes gradients through the RMSNorm).
+        pad_token_id=None,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
                          "partial_rotary_factor": cfg.partial_rotary_factor},
     )

@@ -84,6 +84,21 @@ class TinyGPTV(nn.Module):
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def cast_frozen(self, dtype: torch.dtype) -> "TinyGPTV":
+        """Store frozen weights in `dtype` (fp16/bf16 on a GPU); trainable weights and norms stay fp32.
+
+        The original keeps the ViT in fp16, Phi-2 in fp16, and trains its norms and LoRA in fp32;
+        ln_vision and the RMSNorm compute in fp32 whatever their input.
+        """
+        from .phi import RMSNorm
+
+        norm_params = {id(p) for m in self.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))
+                       for p in m.parameters(recurse=False)}  # norms stay fp32 (weight and bias alike)
+        for p in self.parameters():
+            keep = p.requires_grad or id(p) in norm_params
+            p.data = p.data.to(torch.float32 if keep else dtype)
+        return self
+
     def enable_gradient_checkpointing(self) -> None:
         kwargs = {"use_reentrant": False}
         if hasattr(self.phi, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -122,7 +137,8 @@ class TinyGPTV(nn.Module):
         return embeds
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.phi.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        out = self.phi.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
 
     def forward(self, batch: TextBatch, pixels: torch.Tensor | None = None,
                 image_embeds: torch.Tensor | None = None) -> dict:
