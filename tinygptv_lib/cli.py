@@ -50,6 +50,83 @@ def _cmd_step(args) -> int:
     return 0
 
 
+def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None = None):
+    """A model for a stage: nano loads the shipped pretrained backbones; the previous stage's
+    trained weights (its final.pt) are copied in where given."""
+    from .model.tinygptv import build_model
+
+    model = build_model(preset, stage=None)
+    if preset == "nano":
+        try:
+            from .weights import load_nano_backbones
+        except ImportError:  # backbones not built yet in this checkout
+            load_nano_backbones = None
+        if load_nano_backbones is not None:
+            load_nano_backbones(model)
+    if init_from is not None:
+        from .train.checkpoint import load_checkpoint, load_trainable
+
+        ck = load_checkpoint(init_from, preset=preset)
+        if ck["stage"] >= 2 or stage >= 2:
+            model.add_lora()
+        model.set_stage(stage)
+        load_trainable(model, ck["trainable"], str(init_from), strict=False)
+    return model
+
+
+def _cmd_train(args) -> int:
+    from .train.config import load_stage_config
+    from .train.trainer import Trainer
+
+    cfg = load_stage_config(args.stage, args.preset, args.config)
+    if args.steps is not None:
+        cfg.epochs, cfg.iters_per_epoch = 1, args.steps
+    if args.dry_run:
+        return _dry_run(cfg)
+    if args.preset == "full" and not args.init_from:
+        print("note: preset full trains from random towers unless weights are loaded; see "
+              "tinygptv_lib.weights.build_from_release and docs/DATA_GUIDE.md", file=sys.stderr)
+    model = _stage_model(args.preset, args.stage, args.init_from)
+    out = args.out or f"runs/{args.preset}/stage{args.stage}"
+    result = Trainer(cfg, out, model, data_root=args.data_root).run(resume=args.resume)
+    print(f"stage {args.stage}: {result['steps']} steps, loss {result.get('first_loss', float('nan')):.3f} -> "
+          f"{result.get('final_loss', float('nan')):.3f}, checkpoints in {out}")
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    """Build the model on the meta device and print the plan: no weights, no memory."""
+    from .model.summary import parameter_counts
+    from .model.tinygptv import build_model
+
+    model = build_model(cfg.preset, stage=cfg.stage, device="meta")
+    if cfg.image_size != model.cfg.vision.img_size:
+        model.vision.set_image_size(cfg.image_size)
+    counts = parameter_counts(model)
+    total = sum(c["total"] for c in counts.values())
+    trainable = sum(c["trainable"] for c in counts.values())
+    print(f"plan: stage {cfg.stage}, preset {cfg.preset}, image {cfg.image_size} px "
+          f"({model.cfg.vision.num_tokens} vision tokens), {cfg.total_steps} steps x batch {cfg.batch_size} "
+          f"= {cfg.total_steps * cfg.batch_size:,} samples")
+    for d in cfg.datasets:
+        print(f"  data: {d['name']:<26} {d['kind']:<13} ratio {d.get('ratio', 1):<5} {cfg.data_root}/{d['path']}")
+    print(f"  lr: warm-up {cfg.warmup_start_lr:g} -> {cfg.lr_init:g} over {cfg.warmup_steps} steps, "
+          f"cosine to {cfg.lr_min:g}; AdamW wd {cfg.weight_decay}")
+    frozen_bytes = (total - trainable) * 2  # fp16/bf16 storage of frozen weights on a GPU
+    train_bytes = trainable * 4 * 4  # fp32 weight + grad + two AdamW moments
+    print(f"  parameters: trainable {trainable:,} of {total:,}")
+    print(f"  memory (weights + optimizer, before activations): {(frozen_bytes + train_bytes) / 2**30:.1f} GiB "
+          f"(frozen fp16 {frozen_bytes / 2**30:.1f} GiB, trainable fp32 + AdamW {train_bytes / 2**30:.2f} GiB)")
+    return 0
+
+
+def _cmd_course(args) -> int:
+    from .course import run_course
+
+    run_course(args.preset, args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tinygptv", description="TinyGPT-V course tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--steps", type=int, default=5)
     ps.add_argument("--seed", type=int, default=0)
     ps.set_defaults(func=_cmd_step)
+
+    pt = sub.add_parser("train", help="train one stage (1-4)")
+    pt.add_argument("--stage", type=int, choices=[1, 2, 3, 4], required=True)
+    pt.add_argument("--preset", choices=["nano", "full"], default="nano")
+    pt.add_argument("--config", help="a stage YAML of your own (default: tinygptv_lib/configs/PRESET/stageN.yaml)")
+    pt.add_argument("--data-root", help="folder the config's dataset paths are relative to")
+    pt.add_argument("--init-from", help="previous stage's final.pt")
+    pt.add_argument("--out", help="output folder (default runs/PRESET/stageN)")
+    pt.add_argument("--steps", type=int, help="override the number of steps")
+    pt.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    pt.add_argument("--dry-run", action="store_true", help="print the plan (meta device, no weights)")
+    pt.set_defaults(func=_cmd_train)
+
+    pc = sub.add_parser("course", help="the whole nano course: data, stages 1-4, evaluation, a demo answer")
+    pc.add_argument("--preset", choices=["nano"], default="nano")
+    pc.add_argument("--out", default="runs/course")
+    pc.add_argument("--seed", type=int, default=0)
+    pc.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    pc.set_defaults(func=_cmd_course)
+
+    for module in ("tinygptv_lib.data.check", "tinygptv_lib.pretrain.cli"):
+        try:
+            __import__(module, fromlist=["register"]).register(sub)
+        except ImportError:
+            pass
     return p
 
 

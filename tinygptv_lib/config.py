@@ -58,6 +58,7 @@ class PhiConfig:
     max_position_embeddings: int = 2048
     layer_norm_eps: float = 1e-5
     post_norm_eps: float = 1e-6  # TinyGPT-V's RMSNorm after the attention output
+    resid_pdrop: float = 0.1  # Phi-2's residual dropout
     tie_word_embeddings: bool = False
     attn_implementation: str = "sdpa"
 

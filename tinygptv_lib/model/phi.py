@@ -43,7 +43,7 @@ def build_hf_phi_config(cfg: PhiConfig) -> HFPhiConfig:
         max_position_embeddings=cfg.max_position_embeddings,
         layer_norm_eps=cfg.layer_norm_eps,
         hidden_act="gelu_new",
-        resid_pdrop=0.1,
+        resid_pdrop=cfg.resid_pdrop,
         embd_pdrop=0.0,
         attention_dropout=0.0,
         qk_layernorm=True,

@@ -58,28 +58,52 @@ def tokenize_prompt(tokenizer, prompt: str, num_query_tokens: int, max_prompt_le
     return ids
 
 
-def build_batch(tokenizer, prompts: list[str], answers: list[str], *, num_query_tokens: int,
-                end_sym: str = "\n", max_txt_len: int = 32, bos_id: int = 50256, pad_id: int = 50256,
-                max_prompt_len: int | None = None) -> TextBatch:
-    """Training batch, right-padded. The answer (+ end_sym) is cut to `max_txt_len` tokens."""
+def build_batch(tokenizer, prompts: list[str], answers: list[str], **kwargs) -> TextBatch:
+    """Training batch of single-turn samples (see `build_conversation_batch`)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    return build_conversation_batch(tokenizer, [[(p, a)] for p, a in zip(prompts, answers)], **kwargs)
+
+
+def build_conversation_batch(tokenizer, conversations: list[list[tuple[str, str]]], *, num_query_tokens: int,
+                             end_sym: str = "\n", max_txt_len: int = 32, bos_id: int = 50256,
+                             pad_id: int = 50256, max_prompt_len: int | None = None) -> TextBatch:
+    """Training batch, right-padded: [BOS] q1 a1+end q2 a2+end ... with targets on the answers only.
+
+    Only the first question may hold the image. Later questions are prefixed with the BOS token, as
+    in MiniGPT-v2's multi-turn data. Everything after the first question (answers and later turns)
+    is cut to `max_txt_len` tokens, so the image and the first prompt are never cut by it.
+    """
     rows, tgts, has_image = [], [], []
-    for prompt, answer in zip(prompts, answers):
-        p = tokenize_prompt(tokenizer, prompt, num_query_tokens, max_prompt_len)
-        a = tokenizer(answer + end_sym, add_special_tokens=False)["input_ids"][:max_txt_len]
-        rows.append([bos_id] + p + a)
-        tgts.append([IGNORE] * (1 + len(p)) + a)
-        has_image.append(IMAGE_SLOT in p)
+    for turns in conversations:
+        if not turns:
+            raise ValueError("a conversation needs at least one (question, answer) turn")
+        first = tokenize_prompt(tokenizer, turns[0][0], num_query_tokens, max_prompt_len)
+        ids, tgt = [bos_id] + first, [IGNORE] * (1 + len(first))
+        rest_ids: list[int] = []
+        rest_tgt: list[int] = []
+        for k, (question, answer) in enumerate(turns):
+            if k > 0:
+                if PLACEHOLDER in question:
+                    raise ValueError(f"'{PLACEHOLDER}' may only appear in the first question, found in turn {k}")
+                q = [bos_id] + tokenizer(question, add_special_tokens=False)["input_ids"]
+                rest_ids += q
+                rest_tgt += [IGNORE] * len(q)
+            a = tokenizer(answer + end_sym, add_special_tokens=False)["input_ids"]
+            rest_ids += a
+            rest_tgt += a
+        rows.append(ids + rest_ids[:max_txt_len])
+        tgts.append(tgt + rest_tgt[:max_txt_len])
+        has_image.append(IMAGE_SLOT in first)
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    ids_t = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     for i, (r, t) in enumerate(zip(rows, tgts)):
-        ids[i, : len(r)] = torch.tensor(r)
+        ids_t[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
         targets[i, : len(t)] = torch.tensor(t)
-    return TextBatch(ids, mask, targets, torch.tensor(has_image))
+    return TextBatch(ids_t, mask, targets, torch.tensor(has_image))
 
 
 def build_prompt_batch(tokenizer, prompts: list[str], *, num_query_tokens: int, bos_id: int = 50256,

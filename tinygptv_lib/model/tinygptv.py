@@ -108,14 +108,25 @@ class TinyGPTV(nn.Module):
         self.vision.encoder.set_grad_checkpointing(True)
 
     # ----------------------------------------------------------------- forward
+    def encode_queries(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The frozen part: pixels -> ViT -> ln_vision -> Q-Former outputs (B, num_query_tokens, qformer_hidden).
+
+        With frozen towers and no augmentation these can be computed once per image and cached.
+        """
+        towers_train = any(p.requires_grad for p in self.qformer.parameters()) or any(
+            p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and towers_train):  # frozen: no graph kept
+            return self.qformer(self.vision(pixels))
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) -> image embeddings in Phi's space (B, num_query_tokens, phi_hidden)."""
-        feats = self.vision(pixels)
-        queries = self.qformer(feats)
+        return self.project(self.encode_queries(pixels))
+
+    def project(self, queries: torch.Tensor) -> torch.Tensor:
         return self.projection(queries.to(self.projection.proj1.weight.dtype))
 
     def embed(self, batch: TextBatch, pixels: torch.Tensor | None = None,
-              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+              image_embeds: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the image embeddings spliced into the IMAGE_SLOT positions."""
         ids = batch.input_ids
         slots = ids == IMAGE_SLOT
@@ -124,6 +135,8 @@ class TinyGPTV(nn.Module):
         n_img = int(batch.has_image.sum())
         if n_img == 0:
             return embeds
+        if image_embeds is None and queries is not None:
+            image_embeds = self.project(queries)
         if image_embeds is None:
             if pixels is None:
                 raise ValueError(f"{n_img} sample(s) have an image placeholder but no pixels were given")
@@ -141,16 +154,20 @@ class TinyGPTV(nn.Module):
         return out.last_hidden_state
 
     def forward(self, batch: TextBatch, pixels: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None) -> dict:
-        """Training loss (mean over answer tokens). Logits only where a target exists."""
-        embeds = self.embed(batch, pixels, image_embeds)
+                image_embeds: torch.Tensor | None = None, queries: torch.Tensor | None = None,
+                reduction: str = "mean") -> dict:
+        """Training loss over the answer tokens ("mean", or "sum" for exact multi-batch averaging).
+
+        Logits are computed only where a target exists.
+        """
+        embeds = self.embed(batch, pixels, image_embeds, queries)
         hidden = self.hidden_states(embeds, batch.attention_mask)
         targets = batch.targets[:, 1:]
         where = targets != IGNORE  # position t predicts token t + 1
         if not bool(where.any()):
             raise ValueError("the batch has no target tokens (every answer is empty or cut away)")
         logits = self.phi.lm_head(hidden[:, :-1][where])
-        loss = F.cross_entropy(logits.float(), targets[where])
+        loss = F.cross_entropy(logits.float(), targets[where], reduction=reduction)
         return {"loss": loss, "num_targets": int(where.sum())}
 
     def full_logits(self, batch: TextBatch, pixels: torch.Tensor | None = None,

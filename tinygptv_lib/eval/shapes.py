@@ -1,0 +1,65 @@
+"""Held-out shapes-world checks used after each course stage: colour, shape and counting questions,
+and referring boxes. Scenes come from the world's evaluation seed stream, never seen in training.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..data import world as W
+from ..data.images import preprocess
+from ..infer.generate import greedy_generate
+from ..tokenizer import load_tokenizer
+
+PROMPT = "[INST] <Img><ImageHere></Img> {} [/INST]"
+CHANCE = {"colour": 1 / len(W.COLOURS), "shape": 1 / len(W.SHAPES), "count": 1 / 5, "refer_iou50": None}
+
+
+def eval_items(n_scenes: int, seed: int = 0, size: int = 224) -> list[dict]:
+    items = []
+    for i in range(n_scenes):
+        scene = W.make_scene(W.derive_seed(seed, "eval/course", i), size)
+        qas = W.vqa_items(scene)
+        for qtype in ("colour", "shape", "count"):
+            pick = [q for q in qas if q.qtype == qtype]
+            if pick:
+                q = pick[i % len(pick)]
+                items.append({"scene": scene, "kind": qtype, "question": f"[vqa] {q.question}", "answer": q.answer})
+        refs = W.referring_expressions(scene)
+        if refs:
+            r = refs[i % len(refs)]
+            items.append({"scene": scene, "kind": "refer_iou50", "question": f"[refer] {r.sentences[0]}",
+                          "box": r.bbox})
+    return items
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+@torch.no_grad()
+def evaluate_shapes(model, n_scenes: int = 60, seed: int = 0, batch_size: int = 32) -> dict:
+    """Accuracy per question kind (exact match after normalisation) and the share of boxes with IoU > 0.5."""
+    tok = load_tokenizer()
+    items = eval_items(n_scenes, seed)
+    size = model.cfg.vision.img_size
+    device = next(model.phi.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    scores: dict[str, list[float]] = {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        pixels = torch.stack([preprocess(W.render(it["scene"]), size) for it in chunk]).to(device, dtype=dtype)
+        answers = greedy_generate(model, tok, [PROMPT.format(it["question"]) for it in chunk], pixels=pixels,
+                                  max_new_tokens=24)
+        for it, ans in zip(chunk, answers):
+            if it["kind"] == "refer_iou50":
+                try:
+                    box = W.box_from_text(ans, it["scene"].width, it["scene"].height)
+                    ok = W.iou(box, it["box"]) > 0.5
+                except ValueError:  # no box, or a malformed one, in the answer
+                    ok = False
+            else:
+                ok = normalise(ans) == normalise(it["answer"])
+            scores.setdefault(it["kind"], []).append(float(ok))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
