@@ -76,7 +76,7 @@ def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None =
 
 def _cmd_train(args) -> int:
     from .train.config import load_stage_config
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, seed_everything
 
     cfg = load_stage_config(args.stage, args.preset, args.config)
     if args.steps is not None:
@@ -86,6 +86,7 @@ def _cmd_train(args) -> int:
     if args.preset == "full" and not args.init_from:
         print("note: preset full trains from random towers unless weights are loaded; see "
               "tinygptv_lib.weights.build_from_release and docs/DATA_GUIDE.md", file=sys.stderr)
+    seed_everything(cfg.seed)  # the same initial weights in every process and every rerun
     model = _stage_model(args.preset, args.stage, args.init_from)
     out = args.out or f"runs/{args.preset}/stage{args.stage}"
     result = Trainer(cfg, out, model, data_root=args.data_root).run(resume=args.resume)

@@ -27,7 +27,7 @@ def run_course(preset: str = "nano", out: str | Path = "runs/course", *, seed: i
     from .data.generate import generate_all
     from .eval.shapes import CHANCE, evaluate_shapes
     from .train.config import load_stage_config
-    from .train.trainer import FINAL, Trainer, read_losses
+    from .train.trainer import FINAL, Trainer, seed_everything
 
     torch.manual_seed(seed)
     out = Path(out)
@@ -42,6 +42,7 @@ def run_course(preset: str = "nano", out: str | Path = "runs/course", *, seed: i
     for stage in (1, 2, 3, 4):
         overrides = {"iters_per_epoch": 5, "checkpoint_every": 5} if quick else {}
         cfg = load_stage_config(stage, preset, overrides=overrides)
+        seed_everything(cfg.seed)
         model = _stage_model(preset, stage, init_from=prev)
         ts = time.time()
         result = Trainer(cfg, out / f"stage{stage}", model, data_root=data).run(resume=True)

@@ -310,7 +310,7 @@ def read_losses(metrics_path: Path, window: int = 20) -> dict:
     losses = [x for x in losses if math.isfinite(x)]
     if not losses:
         return {}
-    w = min(window, len(losses))
+    w = max(1, min(window, len(losses) // 4))  # mean of the first / last quarter, at most `window` steps
     return {"first_loss": sum(losses[:w]) / w, "final_loss": sum(losses[-w:]) / w}
 
 
