@@ -949,13 +949,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add `data check` to an argparse subparsers object (e.g. the `tinygptv` command's)."""
-    data = subparsers.add_parser("data", help="data tools (check a prepared data folder)")
+    data = subparsers.add_parser("data", help="data tools: check a prepared data folder, generate the shapes world")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="validate every record and image of a stage's data",
                                 description="Validate a prepared data folder for one stage: every record read "
                                             "with our readers, every image checked; exit code 1 on any problem.")
     _add_arguments(check)
     check.set_defaults(func=_run)
+    from . import generate
+
+    gen = data_sub.add_parser("generate", help="write the shapes world (larger sets on demand) in every format")
+    generate.add_arguments(gen)
+    gen.set_defaults(func=generate.run)
     return check
 
 

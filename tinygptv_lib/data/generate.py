@@ -307,9 +307,7 @@ def generate_all(out_dir, seed: int = 0, n_train: int = 200, n_eval: int = 50, i
     return manifest
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tinygptv_lib.data.generate",
-                                     description="Write the procedural shapes world in every data format.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=200, help="image-caption pairs (stages 1-2)")
@@ -317,7 +315,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n-instruct", type=int, default=None, help="scenes per stage 3-4 dataset")
     parser.add_argument("--shard-size", type=int, default=100, help="pairs per .tar shard")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     manifest = generate_all(args.out, seed=args.seed, n_train=args.n_train, n_eval=args.n_eval,
                             image_size=args.size, n_instruct=args.n_instruct, shard_size=args.shard_size)
     total = sum(f["bytes"] for f in manifest["files"].values())
@@ -325,6 +325,13 @@ def main(argv=None) -> int:
     for name, count in manifest["counts"].items():
         print(f"  {name}: {count}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinygptv_lib.data.generate",
+                                     description="Write the procedural shapes world in every data format.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
