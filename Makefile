@@ -3,7 +3,6 @@
 #   make test     set up .venv and run every test, notebooks included (pytest --nbval)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export TQDM_DISABLE ?= 1
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup course test clean
@@ -13,10 +12,10 @@ setup:
 
 course: setup
 	$(VENV)/bin/tinygptv params --preset nano --stage 4
-	$(VENV)/bin/tinygptv step --preset nano --stage 2 --batch 8 --steps 5
+	$(VENV)/bin/tinygptv course --preset nano --out runs/course
 
 test: setup
-	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
+	TQDM_DISABLE=1 $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg tests notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

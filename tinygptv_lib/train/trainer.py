@@ -97,7 +97,7 @@ class FeatureCache:
 
 class Trainer:
     def __init__(self, cfg: StageConfig, out_dir: str | Path, model, *, device: str | torch.device | None = None,
-                 data_root: str | Path | None = None, show_progress: bool = True):
+                 data_root: str | Path | None = None, show_progress: bool | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.model = model
@@ -118,6 +118,8 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must divide into {self.world} processes x "
                              f"{cfg.grad_accum} accumulation steps")
         self.dtype = pick_precision(cfg, self.device)
+        if show_progress is None:  # TQDM_DISABLE=1 (tests, notebooks under nbval) hides the bar
+            show_progress = os.environ.get("TQDM_DISABLE", "").lower() not in ("1", "true", "yes")
         self.show_progress = show_progress and self.rank == 0
         self.tok = load_tokenizer()
         root = Path(data_root or cfg.data_root)
