@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     pc.set_defaults(func=_cmd_course)
 
-    for module in ("tinygptv_lib.data.check", "tinygptv_lib.pretrain.cli"):
+    for module in ("tinygptv_lib.data.check", "tinygptv_lib.eval.benchmarks", "tinygptv_lib.pretrain.cli"):
         try:
             __import__(module, fromlist=["register"]).register(sub)
         except ImportError:
