@@ -21,6 +21,7 @@ from .common import (
     read_state_dict,
 )
 from .eva import load_eva_vit, map_eva, resample_pos_embed
+from .nano import NANO_BACKBONES, load_nano_backbones  # noqa: F401  (the shipped nano towers)
 from .phi2 import check_phi2_config, fuse_qkv, load_phi2, map_phi2, split_qkv
 from .release import build_from_release, load_minigpt4_projection, load_release_checkpoint, map_release
 

@@ -1,0 +1,49 @@
+"""Command line for the backbone pretraining: `python -m tinygptv_lib.pretrain` or `tinygptv pretrain`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", default="tinygptv_lib/assets/nano_backbones",
+                   help="folder for the backbones, config.json, quality.json (default: the shipped folder)")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, random, numpy and every scene drawn")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: OMP_NUM_THREADS, else 2); part of what reproduces a run")
+    p.add_argument("--vision-steps", type=int, default=None, help="override the ViT + Q-Former steps")
+    p.add_argument("--language-steps", type=int, default=None, help="override the Phi steps")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from .run import PretrainSettings, pretrain
+
+    settings = PretrainSettings()
+    if args.vision_steps is not None:
+        settings.vision.steps = args.vision_steps
+    if args.language_steps is not None:
+        settings.language.steps = args.language_steps
+    quality = pretrain(args.out, seed=args.seed, settings=settings, threads=args.threads)
+    r, p = quality["retrieval"], quality["perplexity"]
+    print(f"image -> text retrieval top-1: {r['image_to_text_top1']:.3f} among {r['n']} held-out captions "
+          f"(chance {r['chance']:.3f}); text -> image: {r['text_to_image_top1']:.3f}")
+    print(f"Phi held-out perplexity: {p['heldout']:.3f} (a random Phi: {p['random_phi']:.1f})")
+    print(f"probes: {json.dumps(quality['probes'])}")
+    print(f"seconds: {json.dumps(quality['seconds'])}; wrote {args.out}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `pretrain` subcommand to an argparse subparsers object (the `tinygptv` CLI)."""
+    p = subparsers.add_parser("pretrain", help="pretrain the nano backbones (ViT + Q-Former, Phi) on the shapes world",
+                              description=__doc__)
+    return add_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinygptv_lib.pretrain", description=__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return args.func(args)

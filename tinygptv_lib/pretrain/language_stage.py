@@ -1,0 +1,104 @@
+"""Pretraining the nano Phi as a causal language model on the shapes world's text.
+
+Phi-2 had read 1.4 trillion tokens before TinyGPT-V used it; the nano Phi reads a few hundred
+thousand, all about the shapes world, in the layouts of the later stages (see `texts.py`). It is
+our `TinyGPTVPhiForCausalLM` at the nano numbers with the real Phi-2 tokenizer, so its file is a
+`microsoft/phi-2`-style folder that `load_phi2` reads like the real one.
+
+TinyGPT-V's added norms (q_layernorm, k_layernorm, post_layernorm) stay frozen at identity here:
+Phi-2 never trained them either. The nano Phi still computes *with* them (a QK-norm and an RMSNorm
+whose weights are 1), so TinyGPT-V's later stages start from exactly the function pretrained here.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import TinyGPTVConfig
+from ..data import world as W
+from ..model.phi import build_phi
+from ..weights.phi2 import ADDED_NORM
+from . import texts as T
+from .common import adamw, lr_at, set_lr
+
+HELDOUT = "pretrain/heldout-lm"
+
+
+@dataclass
+class LanguageSettings:
+    steps: int = 200
+    batch: int = 16
+    lr: float = 1.5e-3
+    warmup: int = 20
+    weight_decay: float = 0.05
+    max_len: int = 256
+    context_share: float = 0.8  # documents whose image slot holds the scene's facts as text
+    grad_clip: float = 1.0
+
+
+def document(tokenizer, scene_seed: int, s: LanguageSettings) -> list[int]:
+    """One tokenized document (BOS first) about the scene of `scene_seed`."""
+    scene = W.make_scene(scene_seed, 224)
+    pieces = T.lm_document(scene, random.Random(scene_seed), s.context_share)
+    return T.tokenize_pieces(tokenizer, pieces)[: s.max_len]
+
+
+def training_documents(tokenizer, seed: int, step: int, s: LanguageSettings) -> list[list[int]]:
+    return [document(tokenizer, W.derive_seed(seed, "pretrain/lm", step, i), s) for i in range(s.batch)]
+
+
+def heldout_documents(tokenizer, n: int, s: LanguageSettings) -> list[list[int]]:
+    """Documents about held-out scenes: the same for every run seed, never trained on."""
+    return [document(tokenizer, W.derive_seed(HELDOUT, i), s) for i in range(n)]
+
+
+def pad_documents(docs: list[list[int]], pad_id: int = 50256) -> tuple[torch.Tensor, torch.Tensor]:
+    T_ = max(len(d) for d in docs)
+    ids = torch.full((len(docs), T_), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), T_), dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d)
+        mask[i, : len(d)] = 1
+    return ids, mask
+
+
+def lm_loss(phi, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on real tokens only: the 51,200-way output layer never runs on padding."""
+    hidden = phi.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    where = mask[:, 1:].bool()
+    logits = phi.lm_head(hidden[:, :-1][where])
+    return F.cross_entropy(logits.float(), ids[:, 1:][where])
+
+
+def freeze_added_norms(phi) -> None:
+    """Keep TinyGPT-V's added norms at identity (they are not part of Phi-2)."""
+    for name, p in phi.named_parameters():
+        if ADDED_NORM.fullmatch(f"phi.{name}"):
+            p.requires_grad_(False)
+
+
+def train_language(cfg: TinyGPTVConfig, s: LanguageSettings, seed: int, tokenizer, on_step=None):
+    """Train the nano Phi from scratch for `s.steps` steps; returns it and the per-step losses.
+
+    Dropout stays off (eval mode while training): every document is new, nothing can be over-fitted.
+    """
+    phi = build_phi(cfg.phi)
+    freeze_added_norms(phi)
+    phi.eval()
+    opt = adamw(phi, s.lr, s.weight_decay)
+    history = []
+    for step in range(s.steps):
+        ids, mask = pad_documents(training_documents(tokenizer, seed, step, s))
+        set_lr(opt, lr_at(step, s.steps, s.lr, s.warmup))
+        loss = lm_loss(phi, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in phi.parameters() if p.requires_grad], s.grad_clip)
+        opt.step()
+        history.append({"loss": round(loss.item(), 5)})
+        if on_step is not None:
+            on_step(history[-1])
+    return phi, history

@@ -1,0 +1,156 @@
+"""One reproducible run: pretrain both backbones, write them, measure them from the written files.
+
+    python -m tinygptv_lib.pretrain --out tinygptv_lib/assets/nano_backbones --seed 0
+
+Steps, not seconds, fix the length of the run, so the same seed on the same machine (and thread
+count) gives the same weights and the same quality numbers; only the timings change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import TinyGPTVConfig, get_config
+from ..model.tinygptv import build_model
+from ..tokenizer import load_tokenizer
+from ..weights.nano import BLIP2_FILE, load_nano_backbones
+from . import evaluate as E
+from . import export
+from .common import seed_everything, set_threads
+from .heads import CompactVocab
+from .language_stage import LanguageSettings, heldout_documents, train_language
+from .vision_stage import VisionPretrainer, VisionSettings, build_vocab, heldout_scenes, scene_pixels, train_vision
+
+CONFIG_FILE = "config.json"
+QUALITY_FILE = "quality.json"
+
+
+@dataclass
+class PretrainSettings:
+    vision: VisionSettings = field(default_factory=VisionSettings)
+    language: LanguageSettings = field(default_factory=LanguageSettings)
+    eval_images: int = 200  # retrieval among this many held-out captions (chance = 1 / eval_images)
+    eval_documents: int = 200
+
+
+def _progress(total: int, enabled: bool):
+    """One bar over both runs; TQDM_DISABLE=1 (tests, notebooks under nbval) hides it."""
+    from tqdm.auto import tqdm
+
+    hidden = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=total, desc="pretraining", unit="step", disable=hidden or not enabled)
+
+
+def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
+             settings: PretrainSettings | None = None, threads: int | None = None, progress: bool = True) -> dict:
+    """Pretrain, write every file under `out`, and return the quality measured from those files."""
+    out = Path(out)
+    cfg = cfg or get_config("nano")
+    settings = settings or PretrainSettings()
+    threads = set_threads(threads)
+    tokenizer = load_tokenizer()
+    start = time.perf_counter()
+    bar = _progress(settings.vision.steps + settings.language.steps, progress)
+
+    def tick(stage: str):
+        def on_step(losses: dict) -> None:
+            bar.set_postfix({"stage": stage, **{k: f"{v:.3f}" for k, v in losses.items()}}, refresh=False)
+            bar.update(1)
+        return on_step
+
+    seed_everything(seed)
+    vocab = build_vocab(tokenizer)
+    vision_model, vision_history = train_vision(cfg, settings.vision, seed, tokenizer, vocab, tick("vision"))
+    vision_seconds = time.perf_counter() - start
+    seed_everything(seed)
+    phi, language_history = train_language(cfg, settings.language, seed, tokenizer, tick("language"))
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    sizes = export.write_backbones(out, cfg, vision_model, phi, vocab)
+    (out / CONFIG_FILE).write_text(json.dumps({
+        "made_by": f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}",
+        "seed": seed, "model": cfg.to_dict(), "pretraining": dataclasses.asdict(settings),
+    }, indent=2) + "\n")
+    quality = measure(out, cfg, settings)
+    quality.update({
+        "seed": seed, "threads": threads, "torch_version": torch.__version__,
+        "steps": {"vision": settings.vision.steps, "language": settings.language.steps},
+        "batch": {"vision": settings.vision.batch, "language": settings.language.batch},
+        "seconds": {"vision": round(vision_seconds, 1), "language": round(train_seconds - vision_seconds, 1),
+                    "total_with_evaluation": round(time.perf_counter() - start, 1)},
+        "training_loss": {"vision_first": vision_history[0], "vision_last_50": _mean(vision_history[-50:]),
+                          "language_first": language_history[0]["loss"],
+                          "language_last_50": _mean(language_history[-50:])["loss"]},
+        "file_bytes": sizes, "storage_dtype": str(export.STORE_DTYPE).replace("torch.", ""),
+    })
+    (out / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+def _mean(history: list[dict]) -> dict:
+    return {k: round(sum(h[k] for h in history) / len(history), 4) for k in history[0]}
+
+
+# --------------------------------------------------------------------------- measuring the written files
+
+
+def load_heads(folder: str | Path, cfg: TinyGPTVConfig | None = None) -> tuple[VisionPretrainer, CompactVocab]:
+    """The pretraining model rebuilt from the written files: towers through the real loaders, the
+    throw-away heads from `pretraining_heads.safetensors` (for measuring and looking inside).
+
+    `cfg` defaults to the preset named in the folder's config.json (pass it for other numbers).
+    """
+    folder = Path(folder)
+    info = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = cfg or get_config(info["model"]["preset"])  # the loaders check every shape against it
+    vs = VisionSettings(**info["pretraining"]["vision"])
+    heads = load_file(str(folder / export.HEADS_FILE))
+    vocab = CompactVocab(heads.pop("vocab_ids").tolist())
+    model = VisionPretrainer(cfg, len(vocab), vs)
+    tower = build_model(cfg, stage=None)
+    load_nano_backbones(tower, folder)
+    model.vision.load_state_dict(tower.vision.state_dict())
+    model.qformer.load_state_dict(tower.qformer.state_dict())
+    blip2 = load_file(str(folder / BLIP2_FILE))
+    extra = {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias"}
+    model.contrastive.load_state_dict({**{k: blip2[k] for k in extra}, "temp": blip2["temp"],
+                                       **{f"text_encoder.{k[len('text_encoder.'):]}": v for k, v in heads.items()
+                                          if k.startswith("text_encoder.")}})
+    model.decoder.load_state_dict({k[len("caption_decoder."):]: v for k, v in heads.items()
+                                   if k.startswith("caption_decoder.")})
+    model.slots.load_state_dict({k[len("slot_head."):]: v for k, v in heads.items() if k.startswith("slot_head.")})
+    return model.float().eval(), vocab
+
+
+@torch.no_grad()
+def measure(folder: str | Path, cfg: TinyGPTVConfig | None = None, settings: PretrainSettings | None = None,
+            n_images: int | None = None, n_documents: int | None = None) -> dict:
+    """Quality of the backbones as written (fp16 storage included), on held-out scenes and documents."""
+    settings = settings or PretrainSettings()
+    folder = Path(folder)
+    cfg = cfg or get_config(json.loads((folder / CONFIG_FILE).read_text())["model"]["preset"])
+    tokenizer = load_tokenizer()
+    model, vocab = load_heads(folder, cfg)
+    scenes = heldout_scenes(n_images or settings.eval_images)
+    pixels = torch.stack([scene_pixels(s, cfg.vision.img_size) for s in scenes])
+    retrieval = E.retrieval(model.queries, model.contrastive, tokenizer, vocab, scenes, pixels)
+    probes = E.sheet_probe(model.queries, model.decoder, tokenizer, vocab, scenes, pixels)
+    probes.update(E.slot_probe(model.queries, model.slots, scenes, pixels))
+
+    tower = build_model(cfg, stage=None)
+    load_nano_backbones(tower, folder)
+    docs = heldout_documents(tokenizer, n_documents or settings.eval_documents, settings.language)
+    ppl = E.perplexity(tower.phi.eval(), docs)
+    torch.manual_seed(0)
+    random_ppl = E.perplexity(build_model(cfg, stage=None).phi.eval(), docs)
+    return {"retrieval": retrieval, "perplexity": {"heldout": round(ppl, 3), "random_phi": round(random_ppl, 1),
+                                                   "documents": len(docs), "tokens": sum(len(d) - 1 for d in docs)},
+            "probes": probes}
