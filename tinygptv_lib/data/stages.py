@@ -6,7 +6,6 @@ shipped shapes-world files and the real datasets alike, so this file serves both
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections import Counter
@@ -14,19 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .world import derive_seed
 from .formats import (DataFormatError, read_cc_sbu_align, read_gqa, read_llava, read_refcoco, read_shards,
                       read_vqav2)
 
 IMAGE_PROMPT = "<Img><ImageHere></Img>"
 
-# Stage 3's four instructions (the original config names a prompt file missing from its repository;
-# these follow MiniGPT-4's published detailed-description prompts in spirit).
-DETAIL_PROMPTS = (
-    "Describe this image in detail.",
-    "Take a look at this image and describe what you notice.",
-    "Please provide a detailed description of the picture.",
-    "Could you describe the contents of this image for me?",
-)
+# Stage 3's four instructions (the original config names a prompt file missing from its repository):
+# one list, in data/generate.py, for writing the data and reading it.
+from .generate import DETAIL_PROMPTS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -45,8 +40,7 @@ def clean_caption(text: str, max_words: int = 50) -> str:
 
 
 def _stable_rng(*parts) -> random.Random:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
+    return random.Random(derive_seed(*parts))
 
 
 def box_text(bbox_xywh: Sequence[float], width: int, height: int) -> str:

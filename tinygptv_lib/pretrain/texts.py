@@ -29,12 +29,7 @@ from ..data import world as W
 BOS = None  # a piece that stands for the BOS token (later turns of a conversation start with it)
 Piece = Union[str, None]
 
-DETAIL_PROMPTS = (  # the stage-3 instructions (see data/generate.py)
-    "Describe this image in detail.",
-    "Take a look at this image and describe what you notice.",
-    "Please provide a detailed description of the picture.",
-    "Could you describe the contents of this image for me?",
-)
+from ..data.generate import DETAIL_PROMPTS  # noqa: E402  (the stage-3 instructions, one list for all)
 STAGE3 = "###Human: {} ###Assistant: "
 STAGE4 = "[INST] {} [/INST]"
 IMAGE = "<Img><ImageHere></Img>"
