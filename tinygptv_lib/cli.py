@@ -57,12 +57,9 @@ def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None =
 
     model = build_model(preset, stage=None)
     if preset == "nano":
-        try:
-            from .weights import load_nano_backbones
-        except ImportError:  # backbones not built yet in this checkout
-            load_nano_backbones = None
-        if load_nano_backbones is not None:
-            load_nano_backbones(model)
+        from .weights import load_nano_backbones
+
+        load_nano_backbones(model)
     if init_from is not None:
         from .train.checkpoint import load_checkpoint, load_trainable
 
@@ -164,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     pc.set_defaults(func=_cmd_course)
 
-    for module in ("tinygptv_lib.data.check", "tinygptv_lib.eval.benchmarks", "tinygptv_lib.pretrain.cli"):
-        try:
-            __import__(module, fromlist=["register"]).register(sub)
-        except ImportError:
-            pass
+    from .data.check import register as register_data
+    from .eval.benchmarks import register as register_eval
+    from .pretrain.cli import register as register_pretrain
+
+    for register in (register_data, register_eval, register_pretrain):
+        register(sub)
     return p
 
 

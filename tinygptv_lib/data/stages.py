@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .world import derive_seed
+from .world import box_to_text, derive_seed
 from .formats import (DataFormatError, read_cc_sbu_align, read_gqa, read_llava, read_refcoco, read_shards,
                       read_vqav2)
 
@@ -44,10 +44,9 @@ def _stable_rng(*parts) -> random.Random:
 
 
 def box_text(bbox_xywh: Sequence[float], width: int, height: int) -> str:
-    """Pixel box (x, y, w, h) -> '{<x1><y1><x2><y2>}' on 0..100, MiniGPT-v2's box text."""
+    """RefCOCO's pixel box (x, y, w, h) -> '{<x1><y1><x2><y2>}' on 0..100 (the world's box text)."""
     x, y, w, h = bbox_xywh
-    vals = [x / width, y / height, (x + w) / width, (y + h) / height]
-    return "{" + "".join(f"<{min(100, max(0, round(v * 100)))}>" for v in vals) + "}"
+    return box_to_text((x, y, x + w, y + h), width, height)
 
 
 def with_template(template: str | None, question: str) -> str:

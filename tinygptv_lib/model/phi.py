@@ -76,7 +76,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(x.dtype)) if self.weight.dtype == x.dtype else (self.weight.float() * xf).to(x.dtype)
+        return (self.weight.float() * xf).to(x.dtype)
 
 
 class TinyGPTVPhiAttention(PhiAttention):

@@ -213,7 +213,8 @@ class Trainer:
             dist.all_reduce(t)
             loss_sum = float(t.item())
         mean_loss = loss_sum / total
-        self.scaler.unscale_(self.opt) if self.scaler.is_enabled() else None
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.opt)
         grads_ok = all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None)
         if not math.isfinite(mean_loss) or not grads_ok:
             self.opt.zero_grad(set_to_none=True)
