@@ -63,7 +63,7 @@ def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None =
     if init_from is not None:
         from .train.checkpoint import load_checkpoint, load_trainable
 
-        ck = load_checkpoint(init_from, preset=preset)
+        ck = load_checkpoint(init_from, preset=preset, up_to_stage=stage)
         if ck["stage"] >= 2 or stage >= 2:
             model.add_lora()
         model.set_stage(stage)
@@ -73,7 +73,7 @@ def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None =
 
 def _cmd_train(args) -> int:
     from .train.config import load_stage_config
-    from .train.trainer import Trainer, seed_everything
+    from .train.trainer import Trainer, TrainingStopped, seed_everything
 
     cfg = load_stage_config(args.stage, args.preset, args.config)
     if args.steps is not None:
@@ -86,7 +86,14 @@ def _cmd_train(args) -> int:
     seed_everything(cfg.seed)  # the same initial weights in every process and every rerun
     model = _stage_model(args.preset, args.stage, args.init_from)
     out = args.out or f"runs/{args.preset}/stage{args.stage}"
-    result = Trainer(cfg, out, model, data_root=args.data_root).run(resume=args.resume)
+    try:
+        result = Trainer(cfg, out, model, data_root=args.data_root).run(resume=args.resume)
+    except KeyboardInterrupt as e:  # Ctrl-C: the trainer saved last.pt first; resume with --resume
+        print(f"stage {args.stage}: {str(e) or 'interrupted'}; continue with --resume", file=sys.stderr)
+        return 130
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 1
     print(f"stage {args.stage}: {result['steps']} steps, loss {result.get('first_loss', float('nan')):.3f} -> "
           f"{result.get('final_loss', float('nan')):.3f}, checkpoints in {out}")
     return 0
@@ -163,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.check import register as register_data
     from .eval.benchmarks import register as register_eval
+    from .infer.chat import register as register_chat
     from .pretrain.cli import register as register_pretrain
 
-    for register in (register_data, register_eval, register_pretrain):
+    for register in (register_data, register_eval, register_pretrain, register_chat):
         register(sub)
     return p
 

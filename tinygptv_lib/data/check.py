@@ -39,7 +39,8 @@ from .formats import (DataFormatError, list_shards, open_image, read_cc_sbu_alig
 from .formats._common import read_json, where
 from .formats.shards import _finish as _finish_shard_sample
 from .formats.shards import _split_name as _split_member_name
-from .generate import GENERATOR, MANIFEST  # a generated tree's manifest.json names its generator
+from .generate import GENERATOR, MANIFEST
+from .images import ImageLoadError  # a generated tree's manifest.json names its generator
 GUIDE = "docs/DATA_GUIDE.md"
 DECODE_ALL_UP_TO = 500  # per dataset: decode every opened image up to this many, else an even sample of it
 VQA_IMAGE_PATTERNS = ("{image_id:012d}.jpg", "COCO_train2014_{image_id:012d}.jpg")
@@ -358,9 +359,16 @@ def _read_one_by_one(path: Path, container: str, first: DataFormatError, one: Ca
                      dataset: str, tmp: Path, writer: "_Scratch") -> tuple:
     results, problems = [], []
     if container == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    problems.append(Problem(str(path), f"line {number}", None,
+                                            f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at column "
+                                            f"{err.start + 1}", dataset))
                     continue
                 try:
                     json.loads(line)
@@ -406,7 +414,7 @@ def _unexpected(err: Exception) -> str:
 
 def _jsonl_lines(path: Path) -> list:
     """1-based numbers of the non-empty lines (the records) of a JSON-lines file."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
@@ -620,7 +628,10 @@ class _ImageResult(NamedTuple):
 
 
 def _verify_file(path: Path, decode: bool) -> _ImageResult:
-    """verify() checks the file's structure without decoding; a real load catches truncated pixels."""
+    """verify() checks the file's structure without decoding; a real load catches truncated pixels.
+
+    The load is the trainer's own (`open_image` is `data.images.load_image`), so an image this check
+    passes is one training, chat and evaluation can read."""
     try:
         with Image.open(path) as image:
             image.verify()
@@ -647,6 +658,8 @@ def _verify_bytes(data: bytes, decode: bool) -> Optional[str]:
 def _image_error(err: Exception) -> str:
     if isinstance(err, UnidentifiedImageError):  # its message holds a path or a memory address
         return "not an image PIL can identify"
+    if isinstance(err, ImageLoadError):  # "<file>: <reason>": the problem names the file already
+        return str(err).split(": ", 1)[-1]
     return f"{type(err).__name__}: {err}"
 
 

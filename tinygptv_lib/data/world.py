@@ -16,11 +16,14 @@ import functools
 import hashlib
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+# Box text (box_to_text, parse_boxes, box_from_text, iou) has one implementation, shared by training
+# texts, answers and evaluation: tinygptv_lib/infer/boxes.py. Re-exported here.
+from ..infer.boxes import BoxFormatError, box_from_text, box_to_text, iou, parse_boxes  # noqa: F401
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -392,49 +395,6 @@ def _overlapping_pairs(scene: Scene) -> frozenset:
             if both.getbbox() is not None:
                 pairs.add((i, j))
     return frozenset(pairs)
-
-
-# --------------------------------------------------------------------------- box text
-
-
-def box_to_text(bbox, width: int, height: int) -> str:
-    """Pixel box -> '{<x1><y1><x2><y2>}' with integers 0..100 (MiniGPT-v2's box format)."""
-    x1, y1, x2, y2 = bbox
-    scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
-    ints = [min(100, max(0, int(v * 100 + 0.5))) for v in scaled]
-    return "{" + "".join(f"<{v}>" for v in ints) + "}"
-
-
-_BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
-
-
-def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
-    """All '{<x1><y1><x2><y2>}' boxes in a text, as 0..100 integers (values over 100 are errors)."""
-    boxes = []
-    for match in _BOX_RE.finditer(text):
-        values = tuple(int(v) for v in match.groups())
-        if max(values) > 100:
-            raise ValueError(f"box {match.group(0)} has a value above 100")
-        boxes.append(values)
-    return boxes
-
-
-def box_from_text(text: str, width: int, height: int) -> tuple[float, float, float, float]:
-    """The first box in a text, scaled back to pixels (within 0.5 % of the side of the truth)."""
-    boxes = parse_boxes(text)
-    if not boxes:
-        raise ValueError(f"no box of the form {{<x1><y1><x2><y2>}} in {text!r}")
-    x1, y1, x2, y2 = boxes[0]
-    return (x1 * width / 100, y1 * height / 100, x2 * width / 100, y2 * height / 100)
-
-
-def iou(a, b) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes."""
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, w) * max(0.0, h)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- language helpers

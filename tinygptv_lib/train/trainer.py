@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, load_image, preprocess
-from ..data.stages import MixtureSampler, Sample, load_datasets
+from ..data.stages import MixtureSampler, Sample, SkipLog, load_datasets
 from ..model.sequence import build_conversation_batch
 from ..tokenizer import load_tokenizer
 from .checkpoint import load_checkpoint, load_trainable, save_checkpoint, set_rng_state
@@ -123,7 +123,11 @@ class Trainer:
         self.show_progress = show_progress and self.rank == 0
         self.tok = load_tokenizer()
         root = Path(data_root or cfg.data_root)
-        self.datasets = load_datasets(root, cfg.datasets, cfg.template, cfg.seed)
+        self.skip_log = SkipLog()  # bad annotation records left out (skip_bad_samples only)
+        self.datasets = load_datasets(root, cfg.datasets, cfg.template, cfg.seed,
+                                      skip_log=self.skip_log if cfg.skip_bad_samples else None)
+        if self.skip_log.total and self.rank == 0:
+            print(f"stage {cfg.stage}: {self.skip_log.summary()}")
         self.sampler = MixtureSampler(self.datasets, {d["name"]: d.get("ratio", 1) for d in cfg.datasets}, cfg.seed)
         self.cache = FeatureCache(cfg.cache_image_features)
         self.skipped: Counter = Counter()
@@ -168,7 +172,7 @@ class Trainer:
                 if s.image is not None and s.key not in pixels and not self.cache.has(s.key):
                     pixels[s.key] = preprocess(load_image(s.image, name=s.key), self.cfg.image_size)
                 build_conversation_batch(self.tok, [list(s.turns)], num_query_tokens=1, end_sym=self.cfg.end_sym,
-                                         max_txt_len=self.cfg.max_txt_len) if self.cfg.skip_bad_samples else None
+                                         max_txt_len=self.cfg.max_txt_len, has_image=[s.image is not None])
                 keep.append(s)
             except (ImageLoadError, ValueError, TypeError) as e:
                 if not self.cfg.skip_bad_samples:
@@ -297,7 +301,8 @@ class Trainer:
         if self.skipped and self.rank == 0:
             print(f"stage {self.cfg.stage}: skipped samples: {dict(self.skipped)}")
         return {"steps": total, "resumed_from": start, "seconds": time.time() - t0,
-                "nonfinite_steps": self.nonfinite_total, "skipped": dict(self.skipped), **read_losses(metrics_path)}
+                "nonfinite_steps": self.nonfinite_total, "skipped": dict(self.skipped),
+                "skipped_records": dict(self.skip_log.counts), **read_losses(metrics_path)}
 
 
 def _main_thread() -> bool:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from PIL import Image
 
 PathLike = Union[str, Path]
+
+# A reader given `on_error` calls it with each bad record's DataFormatError and goes on with the next
+# record (training with skip_bad_samples counts them); without it, the first bad record raises.
+OnError = Optional[Callable[["DataFormatError"], None]]
 
 
 class DataFormatError(ValueError):
@@ -76,6 +81,30 @@ def require(record: Any, key: str, expected, *, file: PathLike, at: str, field_p
     return value
 
 
+def require_text(record: Any, key: str, *, file: PathLike, at: str, field_prefix: str = "",
+                 what: str = "text") -> str:
+    """A string field that must hold some text (answers, captions): empty or blank is an error."""
+    value = require(record, key, str, file=file, at=at, field_prefix=field_prefix)
+    if not value.strip():
+        raise DataFormatError(file, at, field_prefix + key, f"empty {what}")
+    return value
+
+
+def require_finite(values: list, *, file: PathLike, at: str, field: str) -> list:
+    """Numbers that must be finite (Python's json reads NaN and Infinity)."""
+    for k, v in enumerate(values):
+        if not math.isfinite(v):
+            raise DataFormatError(file, at, f"{field}[{k}]", f"expected a finite number, got {v!r}")
+    return values
+
+
+def skip_or_raise(err: "DataFormatError", on_error: OnError) -> None:
+    """Raise err, or (with on_error) report it so the reader can go on with the next record."""
+    if on_error is None:
+        raise err
+    on_error(err)
+
+
 def require_list_of(record: Any, key: str, item_type, *, file: PathLike, at: str,
                     length: Optional[int] = None, min_length: int = 0) -> list:
     """A list field whose items all have one type, optionally of a fixed or minimum length."""
@@ -134,19 +163,34 @@ def read_json(path: PathLike) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise DataFormatError(path, None, None, f"invalid JSON at line {err.lineno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, None, None, f"not UTF-8 text: byte {err.object[err.start:err.start + 1]!r} "
+                                                f"at offset {err.start} ({err.reason})") from None
 
 
-def iter_jsonl(path: PathLike) -> Iterator[tuple[int, Any]]:
-    """(line index, parsed object) for every non-empty line of a JSON-lines file."""
+def iter_jsonl(path: PathLike, on_error: OnError = None) -> Iterator[tuple[int, Any]]:
+    """(line index, parsed object) for every non-empty line of a JSON-lines file.
+
+    A line that is not JSON (or not UTF-8) raises, or with `on_error` is reported and passed over.
+    """
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip():
                 continue
             try:
-                yield index, json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                skip_or_raise(DataFormatError(path, f"line {index + 1}", None,
+                                              f"not UTF-8 text: byte {raw[err.start:err.start + 1]!r} at column "
+                                              f"{err.start + 1} ({err.reason})"), on_error)
+                continue
+            try:
+                item = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(path, f"line {index + 1}", None, f"invalid JSON: {err.msg}") from None
+                skip_or_raise(DataFormatError(path, f"line {index + 1}", None, f"invalid JSON: {err.msg}"), on_error)
+                continue
+            yield index, item
 
 
 def dumps(obj: Any, indent: Optional[int] = 1) -> str:
@@ -197,7 +241,9 @@ def save_image(image: Image.Image, path: PathLike) -> Path:
 
 
 def open_image(source: Union[bytes, PathLike]) -> Image.Image:
-    """Decode image bytes or a file into an RGB PIL image (loaded, file closed)."""
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-    with stream, Image.open(stream) as image:
-        return image.convert("RGB")
+    """Decode image bytes or a file into an RGB PIL image: the project's one image loader
+    (`tinygptv_lib.data.images.load_image`: EXIF orientation applied, alpha on white, bad files
+    refused with an `ImageLoadError` naming the file and the reason)."""
+    from ..images import load_image
+
+    return load_image(source)

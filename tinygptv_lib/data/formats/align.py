@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ._common import DataFormatError, PathLike, read_json, require, resolve_under, where, write_json
+from ._common import (DataFormatError, OnError, PathLike, read_json, require, require_text, resolve_under, skip_or_raise, where,
+                      write_json)
 
 ALIGN_FILE = "filter_cap.json"
 ALIGN_IMAGE_DIR = "image"
@@ -30,7 +31,7 @@ def write_cc_sbu_align(root: PathLike, records: Iterable[AlignRecord]) -> Path:
     return write_json(Path(root) / ALIGN_FILE, {"annotations": annotations})
 
 
-def read_cc_sbu_align(root: PathLike, check_images: bool = True) -> list[AlignRecord]:
+def read_cc_sbu_align(root: PathLike, check_images: bool = True, on_error: OnError = None) -> list[AlignRecord]:
     """Read root/filter_cap.json and resolve each image to root/image/{image_id}.jpg."""
     root = Path(root)
     path = root / ALIGN_FILE
@@ -38,11 +39,15 @@ def read_cc_sbu_align(root: PathLike, check_images: bool = True) -> list[AlignRe
     annotations = require(data, "annotations", list, file=path, at="top level")
     records = []
     for index, item in enumerate(annotations):
-        at = where(index)
-        image_id = require(item, "image_id", str, file=path, at=at)
-        at = where(index, image_id, "image_id")
-        caption = require(item, "caption", str, file=path, at=at)
-        image = resolve_under(root, f"{ALIGN_IMAGE_DIR}/{image_id}.jpg", file=path, at=at,
-                              field="image_id", must_exist=check_images)
+        try:
+            at = where(index)
+            image_id = require(item, "image_id", str, file=path, at=at)
+            at = where(index, image_id, "image_id")
+            caption = require_text(item, "caption", file=path, at=at, what="caption")
+            image = resolve_under(root, f"{ALIGN_IMAGE_DIR}/{image_id}.jpg", file=path, at=at,
+                                  field="image_id", must_exist=check_images)
+        except DataFormatError as err:
+            skip_or_raise(err, on_error)
+            continue
         records.append(AlignRecord(image_id, caption, image))
     return records

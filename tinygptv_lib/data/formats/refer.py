@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ._common import (DataFormatError, PathLike, read_json, require, require_list_of, resolve_under,
-                      where, write_json)
+from ._common import (DataFormatError, OnError, PathLike, read_json, require, require_finite, require_list_of,
+                      resolve_under, skip_or_raise, where, write_json)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ def write_refcoco(path: PathLike, records: Iterable[RefRecord]) -> Path:
 
 def _check_box(path: Path, at: str, bbox: list, width: int, height: int) -> None:
     """Positive size and inside the image (one pixel of slack for COCO's rounding)."""
+    require_finite(bbox, file=path, at=at, field="bbox")
+    if width <= 0 or height <= 0:
+        raise DataFormatError(path, at, "width" if width <= 0 else "height",
+                              f"image size must be positive, got {width}x{height}")
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
         raise DataFormatError(path, at, "bbox", f"width and height must be positive, got {bbox}")
@@ -53,22 +57,30 @@ def _check_box(path: Path, at: str, bbox: list, width: int, height: int) -> None
         raise DataFormatError(path, at, "bbox", f"box {bbox} lies outside the {width}x{height} image")
 
 
-def read_refcoco(path: PathLike, image_root: PathLike, check_images: bool = True) -> list[RefRecord]:
+def read_refcoco(path: PathLike, image_root: PathLike, check_images: bool = True,
+                 on_error: OnError = None) -> list[RefRecord]:
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, list):
         raise DataFormatError(path, None, None, "expected a JSON list of records")
     records = []
     for index, item in enumerate(data):
-        ref_id = require(item, "ref_id", int, file=path, at=where(index))
-        at = where(index, ref_id, "ref_id")
-        image = require(item, "image", str, file=path, at=at)
-        sentences = require_list_of(item, "sentences", str, file=path, at=at, min_length=1)
-        bbox = require_list_of(item, "bbox", (int, float), file=path, at=at, length=4)
-        width = require(item, "width", int, file=path, at=at)
-        height = require(item, "height", int, file=path, at=at)
-        _check_box(path, at, bbox, width, height)
-        image_path = resolve_under(image_root, image, file=path, at=at, field="image", must_exist=check_images)
+        try:
+            ref_id = require(item, "ref_id", int, file=path, at=where(index))
+            at = where(index, ref_id, "ref_id")
+            image = require(item, "image", str, file=path, at=at)
+            sentences = require_list_of(item, "sentences", str, file=path, at=at, min_length=1)
+            for k, sentence in enumerate(sentences):
+                if not sentence.strip():
+                    raise DataFormatError(path, at, f"sentences[{k}]", "empty sentence")
+            bbox = require_list_of(item, "bbox", (int, float), file=path, at=at, length=4)
+            width = require(item, "width", int, file=path, at=at)
+            height = require(item, "height", int, file=path, at=at)
+            _check_box(path, at, bbox, width, height)
+            image_path = resolve_under(image_root, image, file=path, at=at, field="image", must_exist=check_images)
+        except DataFormatError as err:
+            skip_or_raise(err, on_error)
+            continue
         records.append(RefRecord(ref_id, image, sentences, bbox, width, height, image_path))
     return records
 

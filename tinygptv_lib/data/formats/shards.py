@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 from PIL import Image
 
-from ._common import DataFormatError, PathLike, dumps, open_image
+from ._common import DataFormatError, OnError, PathLike, dumps, open_image, skip_or_raise
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -90,6 +90,8 @@ def _finish(path: Path, index: int, key: str, members: dict) -> ShardSample:
         caption = members["txt"].decode("utf-8")
     except UnicodeDecodeError:
         raise DataFormatError(path, at, "txt", "caption is not UTF-8") from None
+    if not caption.strip():
+        raise DataFormatError(path, at, "txt", "empty caption")
     meta = None
     if "json" in members:
         try:
@@ -101,32 +103,56 @@ def _finish(path: Path, index: int, key: str, members: dict) -> ShardSample:
     return ShardSample(key, members[image_ext], caption, meta)
 
 
-def read_shard(path: PathLike) -> Iterator[ShardSample]:
-    """Stream the samples of one shard in order. Members of one key must be consecutive."""
+def read_shard(path: PathLike, on_error: OnError = None) -> Iterator[ShardSample]:
+    """Stream the samples of one shard in order. Members of one key must be consecutive.
+
+    on_error: report a bad sample (or an unreadable shard) through it and go on; default: raise.
+    """
     path = Path(path)
     try:
         tar = tarfile.open(path, "r")
     except tarfile.TarError as err:
-        raise DataFormatError(path, None, None, f"not a readable tar file: {err}") from None
+        skip_or_raise(DataFormatError(path, None, None, f"not a readable tar file: {err}"), on_error)
+        return
     seen: set[str] = set()
     key, members, index = None, {}, 0
+
+    def finish():
+        if members is None:  # a key seen before: reported already, left out
+            return None
+        try:
+            return _finish(path, index, key, members)
+        except DataFormatError as err:
+            skip_or_raise(err, on_error)
+            return None
+
     with tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = _split_name(member.name)
-            if member_key != key:
-                if key is not None:
-                    yield _finish(path, index, key, members)
-                    index += 1
-                if member_key in seen:
-                    raise DataFormatError(path, f"sample {index} (key {member_key!r})", ext,
-                                          "members of this key are not consecutive")
-                seen.add(member_key)
-                key, members = member_key, {}
-            members[ext] = tar.extractfile(member).read()
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                if member_key != key:
+                    if key is not None:
+                        sample = finish()
+                        if sample is not None:
+                            yield sample
+                        index += 1
+                    key, members = member_key, {}
+                    if member_key in seen:
+                        skip_or_raise(DataFormatError(path, f"sample {index} (key {member_key!r})", ext,
+                                                      "members of this key are not consecutive"), on_error)
+                        members = None
+                    seen.add(member_key)
+                if members is not None:
+                    members[ext] = tar.extractfile(member).read()
+        except tarfile.TarError as err:  # damaged past its header
+            skip_or_raise(DataFormatError(path, f"sample {index}", None, f"damaged tar file: {err}"), on_error)
+            return
         if key is not None:
-            yield _finish(path, index, key, members)
+            sample = finish()
+            if sample is not None:
+                yield sample
 
 
 def list_shards(folder: PathLike) -> list[Path]:
@@ -137,9 +163,9 @@ def list_shards(folder: PathLike) -> list[Path]:
     return shards
 
 
-def read_shards(source: Union[PathLike, Iterable[PathLike]]) -> Iterator[ShardSample]:
+def read_shards(source: Union[PathLike, Iterable[PathLike]], on_error: OnError = None) -> Iterator[ShardSample]:
     """Samples of a folder of shards (or of a list of shard paths), shard after shard."""
     paths = list_shards(source) if isinstance(source, (str, Path)) and Path(source).is_dir() else (
         [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source])
     for path in paths:
-        yield from read_shard(path)
+        yield from read_shard(path, on_error)
