@@ -21,48 +21,86 @@ STAGE_ROLE = {
 }
 
 
-def run_course(preset: str = "nano", out: str | Path = "runs/course", *, seed: int = 0, quick: bool = False,
-               n_train: int = 2000, n_instruct: int = 600, eval_scenes: int = 60) -> dict:
-    from .cli import _stage_model
+def course_data(out: str | Path = "runs/course", *, seed: int = 0, quick: bool = False,
+                n_train: int = 2000, n_instruct: int = 600) -> Path:
+    """OUT/data: the course's shapes world (generated once; the same seed gives the same files)."""
     from .data.generate import generate_all
-    from .eval.shapes import CHANCE, evaluate_shapes
+
+    data = Path(out) / "data"
+    if quick:
+        n_train, n_instruct = 200, 40
+    if not (data / "manifest.json").exists():
+        generate_all(data, seed=seed, n_train=n_train, n_eval=20, n_instruct=n_instruct)
+    return data
+
+
+def ensure_stage(stage: int, out: str | Path = "runs/course", *, preset: str = "nano", seed: int = 0,
+                 quick: bool = False, eval_scenes: int = 60, log=print) -> dict:
+    """Train stage `stage` (and, first, any earlier stage not finished) and evaluate it; returns the
+    stage's report entry. A finished stage (OUT/stageN/report.json) is read back, not retrained, and
+    an interrupted one resumes from its last checkpoint, so `tinygptv course`, `tinygptv train` and
+    the stage notebooks share one folder and always reach the same numbers.
+    """
+    from .cli import _stage_model
+    from .eval.shapes import evaluate_shapes
     from .train.config import load_stage_config
     from .train.trainer import FINAL, Trainer, seed_everything
 
-    torch.manual_seed(seed)
     out = Path(out)
-    data = out / "data"
-    t0 = time.time()
-    if quick:
-        n_train, n_instruct, eval_scenes = 200, 40, 10
-    if not (data / "manifest.json").exists():
-        generate_all(data, seed=seed, n_train=n_train, n_eval=20, n_instruct=n_instruct)
-    report = {"preset": preset, "data_seconds": round(time.time() - t0, 1), "stages": {}}
+    folder = out / f"stage{stage}"
+    done = folder / "report.json"
+    if done.exists():
+        return json.loads(done.read_text())
     prev = None
+    if stage > 1:
+        ensure_stage(stage - 1, out, preset=preset, seed=seed, quick=quick, eval_scenes=eval_scenes, log=log)
+        prev = out / f"stage{stage - 1}" / FINAL
+    data = course_data(out, seed=seed, quick=quick)
+    if quick:
+        eval_scenes = 10
+    overrides = {"iters_per_epoch": 5, "checkpoint_every": 5} if quick else {}
+    cfg = load_stage_config(stage, preset, overrides=overrides)
+    torch.manual_seed(seed)
+    seed_everything(cfg.seed)
+    model = _stage_model(preset, stage, init_from=prev)
+    ts = time.time()
+    result = Trainer(cfg, folder, model, data_root=data).run(resume=True)
+    train_s = time.time() - ts
+    te = time.time()
+    metrics = evaluate_shapes(model, n_scenes=eval_scenes, seed=seed)
+    entry = {
+        "role": STAGE_ROLE[stage],
+        "steps": result["steps"],
+        "first_loss": round(result.get("first_loss", float("nan")), 4),
+        "final_loss": round(result.get("final_loss", float("nan")), 4),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.time() - te, 1),
+        **{k: round(v, 4) for k, v in metrics.items()},
+    }
+    log(f"stage {stage}: loss {entry['first_loss']:.3f} -> {entry['final_loss']:.3f}; "
+        + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry, indent=1, sort_keys=True) + "\n")
+    tmp.replace(done)
+    return entry
+
+
+def run_course(preset: str = "nano", out: str | Path = "runs/course", *, seed: int = 0, quick: bool = False,
+               eval_scenes: int = 60) -> dict:
+    from .cli import _stage_model
+    from .eval.shapes import CHANCE
+    from .train.trainer import FINAL
+
+    out = Path(out)
+    t0 = time.time()
+    course_data(out, seed=seed, quick=quick)
+    report = {"preset": preset, "data_seconds": round(time.time() - t0, 1), "stages": {}}
     for stage in (1, 2, 3, 4):
-        overrides = {"iters_per_epoch": 5, "checkpoint_every": 5} if quick else {}
-        cfg = load_stage_config(stage, preset, overrides=overrides)
-        seed_everything(cfg.seed)
-        model = _stage_model(preset, stage, init_from=prev)
-        ts = time.time()
-        result = Trainer(cfg, out / f"stage{stage}", model, data_root=data).run(resume=True)
-        train_s = time.time() - ts
-        te = time.time()
-        metrics = evaluate_shapes(model, n_scenes=eval_scenes, seed=seed)
-        report["stages"][str(stage)] = {
-            "role": STAGE_ROLE[stage],
-            "steps": result["steps"],
-            "first_loss": round(result.get("first_loss", float("nan")), 4),
-            "final_loss": round(result.get("final_loss", float("nan")), 4),
-            "train_seconds": round(train_s, 1),
-            "eval_seconds": round(time.time() - te, 1),
-            **{k: round(v, 4) for k, v in metrics.items()},
-        }
-        print(f"stage {stage}: loss {result.get('first_loss', 0):.3f} -> {result.get('final_loss', 0):.3f}; "
-              + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
-        prev = out / f"stage{stage}" / FINAL
+        report["stages"][str(stage)] = ensure_stage(stage, out, preset=preset, seed=seed, quick=quick,
+                                                    eval_scenes=eval_scenes)
+    model = _stage_model(preset, 4, init_from=out / "stage4" / FINAL)
     report["chance"] = {k: v for k, v in CHANCE.items() if v is not None}
-    report["demo"] = demo_answer(model, data)
+    report["demo"] = demo_answer(model, out / "data")
     report["total_seconds"] = round(time.time() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (out / "report.md").write_text(report_table(report))
