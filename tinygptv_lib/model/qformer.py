@@ -48,3 +48,33 @@ class QFormer(nn.Module):
         if output_attentions:
             return out.last_hidden_state, out
         return out.last_hidden_state
+
+
+@torch.no_grad()
+def cross_attention_maps(qformer: QFormer, image_feats: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Where each query looks: {layer index: weights (B, heads, num_queries, image tokens)}.
+
+    Runs the Q-Former once and recomputes softmax(q k^T / sqrt(d)) from the inputs of every
+    cross-attention (SDPA does not hand its weights back). The image mask is all ones, as in
+    `QFormer.forward`, so no masking is needed. Each row sums to 1 over the image tokens.
+    """
+    maps: dict[int, torch.Tensor] = {}
+
+    def hook_for(idx: int):
+        def hook(module, args, kwargs, output):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            image = kwargs["encoder_hidden_states"]
+            d = module.attention_head_size
+            q = module.query(hidden).unflatten(-1, (-1, d)).transpose(1, 2)
+            k = module.key(image).unflatten(-1, (-1, d)).transpose(1, 2)
+            maps[idx] = torch.softmax((q @ k.transpose(-1, -2)) * d ** -0.5, dim=-1)
+        return hook
+
+    handles = [layer.crossattention.attention.register_forward_hook(hook_for(i), with_kwargs=True)
+               for i, layer in enumerate(qformer.model.encoder.layer) if layer.has_cross_attention]
+    try:
+        qformer(image_feats)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
