@@ -204,3 +204,17 @@ def test_register_adds_data_check(capsys):
 def test_unknown_root_is_a_problem_not_a_crash(tmp_path):
     report = C.check_stage(3, tmp_path / "nowhere")
     assert not report.ok and report.problems[0].kind == "missing"
+
+
+def test_full_stage_configs_read_where_the_data_check_looks():
+    """Every dataset of the full configs sits at a path `data check` validates (docs/DATA_GUIDE.md)."""
+    from tinygptv_lib.data.check import STAGES
+    from tinygptv_lib.train.config import load_stage_config
+
+    for stage in (1, 2, 3, 4):
+        checked = {p for spec in STAGES[stage] if spec.real for p in spec.paths}
+        for d in load_stage_config(stage, "full").datasets:
+            where = {p for p in checked if p == d["path"] or p.startswith(d["path"].rstrip("/") + "/")}
+            assert where, f"stage {stage}: {d['name']} reads {d['path']}, which data check never looks at"
+            if "image_root" in d:
+                assert d["image_root"] in checked, f"stage {stage}: {d['name']} image_root {d['image_root']}"

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -636,3 +637,25 @@ def test_build_from_release_matches_piecewise_loading(src):
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert half.phi.model.rotary_emb.inv_freq.dtype == torch.float32  # recomputed, not rounded
     assert torch.equal(half.phi.model.layers[0].mlp.fc1.weight, eager.phi.model.layers[0].mlp.fc1.weight.bfloat16())
+
+
+def test_train_command_loads_the_given_towers(tmp_path):
+    """`tinygptv train --eva/--blip2/--phi2` reach the loaders: a source of the wrong size is refused
+    with the loader's listing, and a source of the right layout and size is copied in."""
+    from tinygptv_lib.cli import _stage_model
+    from tinygptv_lib.weights import WeightLoadError
+
+    path = tmp_path / "eva_tiny.pth"
+    torch.save(fake_lavis_eva(), path)
+    with pytest.raises(WeightLoadError, match="eva_tiny.pth"):
+        _stage_model("nano", 1, eva=str(path))
+    # the shipped nano Phi is stored in the microsoft/phi-2 layout: loading it over a re-initialised
+    # Phi must bring back exactly the shipped weights
+    from tinygptv_lib.weights.nano import NANO_BACKBONES
+
+    phi_dir = Path(NANO_BACKBONES) / "phi-2-nano"
+    reference = _stage_model("nano", 1).phi.state_dict()
+    torch.manual_seed(123)
+    m = _stage_model("nano", 1, phi2=str(phi_dir))
+    for k, v in m.phi.state_dict().items():
+        assert torch.equal(v, reference[k]), k

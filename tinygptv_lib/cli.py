@@ -50,9 +50,11 @@ def _cmd_step(args) -> int:
     return 0
 
 
-def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None = None):
-    """A model for a stage: nano loads the shipped pretrained backbones; the previous stage's
-    trained weights (its final.pt) are copied in where given."""
+def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None = None, *, eva=None, blip2=None,
+                 phi2=None):
+    """A model for a stage: nano loads the shipped pretrained backbones; full loads the real towers
+    where given (eva: LAVIS eva_vit_g.pth, blip2: LAVIS BLIP-2 .pth or HF folder, phi2: the
+    microsoft/phi-2 folder); the previous stage's trained weights (its final.pt) are copied in."""
     from .model.tinygptv import build_model
 
     model = build_model(preset, stage=None)
@@ -60,6 +62,11 @@ def _stage_model(preset: str, stage: int, init_from=None, img_size: int | None =
         from .weights import load_nano_backbones
 
         load_nano_backbones(model)
+    from .weights import load_blip2_qformer, load_eva_vit, load_phi2
+
+    for source, loader in ((eva, load_eva_vit), (blip2, load_blip2_qformer), (phi2, load_phi2)):
+        if source is not None:
+            loader(model, source)
     if init_from is not None:
         from .train.checkpoint import load_checkpoint, load_trainable
 
@@ -80,11 +87,13 @@ def _cmd_train(args) -> int:
         cfg.epochs, cfg.iters_per_epoch = 1, args.steps
     if args.dry_run:
         return _dry_run(cfg)
-    if args.preset == "full" and not args.init_from:
-        print("note: preset full trains from random towers unless weights are loaded; see "
-              "tinygptv_lib.weights.build_from_release and docs/DATA_GUIDE.md", file=sys.stderr)
+    towers = {"eva": args.eva, "blip2": args.blip2, "phi2": args.phi2}
+    if args.preset == "full" and not all(towers.values()):
+        missing = ", ".join(f"--{k}" for k, v in towers.items() if not v)
+        print(f"note: without {missing} the full model trains from random towers; give the real "
+              "weights (see README, Real weights)", file=sys.stderr)
     seed_everything(cfg.seed)  # the same initial weights in every process and every rerun
-    model = _stage_model(args.preset, args.stage, args.init_from)
+    model = _stage_model(args.preset, args.stage, args.init_from, **towers)
     out = args.out or f"runs/{args.preset}/stage{args.stage}"
     try:
         result = Trainer(cfg, out, model, data_root=args.data_root).run(resume=args.resume)
@@ -155,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", help="a stage YAML of your own (default: tinygptv_lib/configs/PRESET/stageN.yaml)")
     pt.add_argument("--data-root", help="folder the config's dataset paths are relative to")
     pt.add_argument("--init-from", help="previous stage's final.pt")
+    pt.add_argument("--eva", help="full: LAVIS eva_vit_g.pth (the frozen EVA ViT-g)")
+    pt.add_argument("--blip2", help="full: LAVIS blip2_pretrained_flant5xxl.pth or a HF Salesforce/blip2-* folder")
+    pt.add_argument("--phi2", help="full: the microsoft/phi-2 folder")
     pt.add_argument("--out", help="output folder (default runs/PRESET/stageN)")
     pt.add_argument("--steps", type=int, help="override the number of steps")
     pt.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
