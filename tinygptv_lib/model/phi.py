@@ -133,6 +133,8 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         GradientCheckpointingLayer.__init__(self)
         self.self_attn = TinyGPTVPhiAttention(config, layer_idx)
         self.mlp = PhiMLP(config)
+        if config.hidden_act == "gelu_new":  # the same tanh-approximated GELU, as one fused torch kernel
+            self.mlp.activation_fn = nn.GELU(approximate="tanh")  # (transformers' version runs 8 ops)
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_layernorm = RMSNorm(config.hidden_size, eps=getattr(config, "post_norm_eps", 1e-6))
         self.resid_dropout = nn.Dropout(config.resid_pdrop)

@@ -2,18 +2,19 @@
 
 The 32 projected query outputs replace the `<ImageHere>` slots of the prompt (see `sequence.py`);
 Phi-2 (with TinyGPT-V's norms, and LoRA from stage 2 on) reads the spliced sequence. In training
-the vocabulary projection runs only at positions that have a target: a 51,200-row head on every
-image and prompt position would be wasted work.
+the vocabulary projection runs only at positions that have a target (a 51,200-row head on every
+image and prompt position would be wasted work), and Phi stops at the last position that predicts
+one (see `loss.py` for the loss itself).
 """
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import TinyGPTVConfig
+from .loss import target_cross_entropy
 from .phi import build_phi, norm_weight_names
 from .projection import Projection
 from .qformer import QFormer
@@ -160,14 +161,18 @@ class TinyGPTV(nn.Module):
 
         Logits are computed only where a target exists.
         """
-        embeds = self.embed(batch, pixels, image_embeds, queries)
-        hidden = self.hidden_states(embeds, batch.attention_mask)
         targets = batch.targets[:, 1:]
         where = targets != IGNORE  # position t predicts token t + 1
-        if not bool(where.any()):
+        predicting = where.any(0).nonzero()
+        if predicting.numel() == 0:
             raise ValueError("the batch has no target tokens (every answer is empty or cut away)")
-        logits = self.phi.lm_head(hidden[:, :-1][where])
-        loss = F.cross_entropy(logits.float(), targets[where], reduction=reduction)
+        # Causal attention: positions after the last one that predicts a target change no loss term,
+        # so Phi does not run them (at least the final token of the longest row, all its padding).
+        keep = int(predicting[-1]) + 1
+        embeds = self.embed(batch, pixels, image_embeds, queries)
+        hidden = self.hidden_states(embeds[:, :keep], batch.attention_mask[:, :keep])
+        where = where[:, :keep]
+        loss = target_cross_entropy(hidden[where], self.phi.lm_head, targets[:, :keep][where], reduction)
         return {"loss": loss, "num_targets": int(where.sum())}
 
     def full_logits(self, batch: TextBatch, pixels: torch.Tensor | None = None,
