@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import EvilPickle
 import torch
 from PIL import Image
 
@@ -398,24 +399,18 @@ def test_checkpoint_of_another_stage_or_preset_is_refused_for_init(tmp_path):
         _stage_model("nano", 2, init_from=full)
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_checkpoint_files_that_are_not_checkpoints(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": ckpt.FORMAT, "trainable": _Evil(marker)}, evil)
+    torch.save({"format": ckpt.FORMAT, "trainable": EvilPickle(marker)}, evil)
     with pytest.raises(ckpt.CheckpointError, match=r"evil\.pt: .*refused: loading it would run code from the file "
                                                    r"\(it asks for posix\.system\); only weights_only"):
         ckpt.load_checkpoint(evil)
     legacy = tmp_path / "legacy.pt"
-    legacy.write_bytes(pickle.dumps({"trainable": _Evil(marker)}))
+    legacy.write_bytes(pickle.dumps({"trainable": EvilPickle(marker)}))
     with pytest.raises(ckpt.CheckpointError, match=r"legacy\.pt: .*refused"):
         ckpt.load_checkpoint(legacy)
     assert not marker.exists()

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import EvilPickle
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -552,21 +553,15 @@ def test_mismatches_are_listed_together_and_nothing_changes(src, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- (f) pickles
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickles_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     zipped = tmp_path / "TinyGPT-V_for_Stage2.pth"
-    torch.save({"model": {"llama_proj.weight": torch.zeros(2)}, "config": _Evil(marker)}, zipped)
+    torch.save({"model": {"llama_proj.weight": torch.zeros(2)}, "config": EvilPickle(marker)}, zipped)
     legacy = tmp_path / "eva_vit_g.pth"
-    legacy.write_bytes(pickle.dumps({"pos_embed": _Evil(marker)}))
+    legacy.write_bytes(pickle.dumps({"pos_embed": EvilPickle(marker)}))
     model = build_model(tiny_cfg(), stage=1)
     for path, load in ((zipped, lambda p: load_release_checkpoint(model, p)),
                        (legacy, lambda p: load_eva_vit(model, p)), (zipped, read_state_dict)):
