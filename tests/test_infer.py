@@ -54,28 +54,40 @@ def pixels(model, images):
 # --------------------------------------------------------------------------- a scripted model
 
 
+class _ScriptedBody(torch.nn.Module):
+    """Phi's body for the scripted model: its last hidden state carries the token row r must emit next."""
+
+    def __init__(self, scripts):
+        super().__init__()
+        self.scripts = scripts
+        self.calls = 0  # the prompt pass, then one call per generated token
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None):
+        k, self.calls = self.calls, self.calls + 1
+        wanted = [script[k] if k < len(script) else EOS_ID for script in self.scripts]
+        hidden = torch.tensor(wanted, dtype=torch.float64).reshape(-1, 1, 1)
+        return SimpleNamespace(last_hidden_state=hidden, cache="cache" if use_cache else None)
+
+
+class _OneHotHead(torch.nn.Module):
+    def forward(self, hidden):
+        logits = torch.zeros(hidden.shape[0], 51200)
+        logits[torch.arange(hidden.shape[0]), hidden[:, 0].long()] = 10.0
+        return logits
+
+
 class _ScriptedPhi(torch.nn.Module):
     """Emits row r's script one token per step (then EOS), whatever the input: exact stop tests."""
 
     def __init__(self, scripts):
         super().__init__()
-        self.scripts = scripts
+        self.model = _ScriptedBody(scripts)
+        self.lm_head = _OneHotHead()
         self.embed = torch.nn.Embedding(51200, 4)
-        self.prompt_len = None
 
     def get_input_embeddings(self):
         return self.embed
-
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None,
-                use_cache=None, logits_to_keep=0):
-        lengths = attention_mask.sum(-1)
-        if self.prompt_len is None:
-            self.prompt_len = lengths.clone()
-        logits = torch.zeros(len(lengths), 1, 51200)
-        for r, k in enumerate((lengths - self.prompt_len).tolist()):
-            script = self.scripts[r]
-            logits[r, 0, script[k] if k < len(script) else EOS_ID] = 10.0
-        return SimpleNamespace(logits=logits, cache="cache" if use_cache else None)
 
 
 class _ScriptedModel(torch.nn.Module):
@@ -196,8 +208,9 @@ def test_repetition_penalty(model, tok):
     # the mechanism, exactly: A (logit 10) beats B (logit 9) until A has been seen once
     a, b = 317, 347
     fake = scripted(tok, [])
-    fake.phi.forward = lambda **k: SimpleNamespace(
-        logits=torch.tensor([[[0.0] * a + [10.0] + [0.0] * (b - a - 1) + [9.0] + [0.0] * (51199 - b)]]), cache=1)
+    fake.phi.model.forward = lambda **k: SimpleNamespace(last_hidden_state=torch.zeros(1, 1, 1), cache=1)
+    fake.phi.lm_head.forward = lambda hidden: torch.tensor(
+        [[0.0] * a + [10.0] + [0.0] * (b - a - 1) + [9.0] + [0.0] * (51199 - b)])
     assert generate(fake, tok, "q", max_new_tokens=4, stop=()).tokens == [[a, a, a, a]]
     assert generate(fake, tok, "q", max_new_tokens=4, stop=(), repetition_penalty=2.0).tokens == [[a, b, a, a]]
     # the real model's repetitive description gets fewer repeated tokens
@@ -443,3 +456,37 @@ def test_widget_draws_boxes_in_the_answer(model, tok, scenes, monkeypatch):
     monkeypatch.setattr(w.session, "ask", lambda q, task=None, callback=None, **k: "{<10><10><50><50>}")
     assert w.send("the red circle") == "{<10><10><50><50>}"
     assert w.view.value != before and w.view.value[:4] == b"\x89PNG" and "boxes drawn" in w.status.value
+
+
+def test_decode_head_equals_the_linear_head_on_the_tokenizer_rows():
+    from tinygptv_lib.infer.generate import _DecodeHead
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 300)
+    head = _DecodeHead(lm_head, vocab=250)
+    for rows in (1, 3):  # one row: the transposed copy; several: weight @ hidden.T
+        hidden = torch.randn(rows, 16)
+        got = head(hidden)
+        assert got.shape == (rows, 250)
+        assert torch.allclose(got, lm_head(hidden)[:, :250], atol=1e-6)
+    assert head._transposed is not None and head._transposed.shape == (16, 250)
+    no_bias = torch.nn.Linear(16, 300, bias=False)
+    hidden = torch.randn(2, 16)
+    assert torch.allclose(_DecodeHead(no_bias, 300)(hidden), no_bias(hidden), atol=1e-6)
+
+
+def test_decode_head_keeps_its_transposed_copy_until_the_weight_changes():
+    from tinygptv_lib.infer.generate import _DecodeHead
+
+    lm_head = torch.nn.Linear(8, 40)
+    hidden = torch.randn(1, 8)
+    first = _DecodeHead(lm_head, 40)
+    first(hidden)
+    second = _DecodeHead(lm_head, 40)
+    second(hidden)
+    assert second._transposed is first._transposed  # one copy for two calls
+    with torch.no_grad():
+        lm_head.weight.mul_(2.0)  # an optimiser step or a load changes it in place
+    third = _DecodeHead(lm_head, 40)
+    assert torch.allclose(third(hidden), lm_head(hidden), atol=1e-6)
+    assert third._transposed is not first._transposed
