@@ -467,9 +467,10 @@ def test_decode_head_equals_the_linear_head_on_the_tokenizer_rows():
     for rows in (1, 3):  # one row: the transposed copy; several: weight @ hidden.T
         hidden = torch.randn(rows, 16)
         got = head(hidden)
-        assert got.shape == (rows, 250)
-        assert torch.allclose(got, lm_head(hidden)[:, :250], atol=1e-6)
-    assert head._transposed is not None and head._transposed.shape == (16, 250)
+        assert got.shape == (rows, 300)
+        assert torch.allclose(got[:, :250], lm_head(hidden)[:, :250], atol=1e-6)
+        assert torch.isneginf(got[:, 250:]).all()  # padding rows past the tokenizer: never drawn
+    assert head._transposed is not None and head._transposed.shape == (16, 300)
     no_bias = torch.nn.Linear(16, 300, bias=False)
     hidden = torch.randn(2, 16)
     assert torch.allclose(_DecodeHead(no_bias, 300)(hidden), no_bias(hidden), atol=1e-6)

@@ -187,41 +187,46 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _DecodeHead:
-    """Phi's vocabulary head for decoding: logits over the tokenizer's rows only, at one position.
+    """Phi's vocabulary head for decoding, at one position: logits over all rows, with the rows past
+    the tokenizer (51,200 vs 50,295: padding, never a token) set to -inf, so sampling draws from
+    the same distribution, with the same random numbers, as a plain `lm_head` would give.
 
-    The 51,200-row head is read whole at every step, which makes it most of a small model's step.
-    Rows past the tokenizer (padding) are dropped once, not masked every step. On a CPU, torch's
-    `linear` with one or a few rows runs as a matrix-vector product at a fraction of memory speed
-    (measured on the 2-core VM: 6.2 ms for a 51,200 x 256 fp32 head at batch 1, against 2.1 ms for
-    the same product with the weight stored transposed, and 8.9 ms against 3.2 ms for `W @ h.T` at
-    batch 8); so on a CPU one row multiplies a transposed copy made once per call, several rows use
-    `W @ h.T`. Elsewhere it is `linear`. Same products, same values up to float rounding.
+    The head is read whole at every step, which makes it most of a small model's step. On a CPU,
+    torch's `linear` with one or a few rows runs as a matrix-vector product at a fraction of memory
+    speed (measured on the 2-core VM: 6.2 ms for a 51,200 x 256 fp32 head at batch 1, against 2.1 ms
+    for the same product with the weight stored transposed, and 8.9 ms against 3.2 ms for `W @ h.T`
+    at batch 8); so on a CPU one row multiplies a transposed copy (kept while the weight is
+    unchanged), several rows use `W @ h.T`. Elsewhere it is `linear`. Same products, same values up
+    to float rounding.
     """
 
     def __init__(self, lm_head: torch.nn.Module, vocab: int):
         self.vocab = vocab
         self.module = None if isinstance(lm_head, torch.nn.Linear) else lm_head  # any other head: called as is
-        if self.module is not None:
-            return
-        self.weight = lm_head.weight[:vocab]
-        self.bias = None if lm_head.bias is None else lm_head.bias[:vocab]
-        self.cpu = self.weight.device.type == "cpu"
+        if self.module is None:
+            self.weight, self.bias = lm_head.weight, lm_head.bias
+            self.cpu = self.weight.device.type == "cpu"
         self._transposed = None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, width) -> logits (B, vocab)."""
+        """hidden (B, width) -> logits (B, rows), a new tensor; rows from `vocab` on are -inf."""
         if self.module is not None:
-            return self.module(hidden)[:, : self.vocab]
-        hidden = hidden.to(self.weight.dtype)
-        if not self.cpu:
-            return torch.nn.functional.linear(hidden, self.weight, self.bias)
-        if hidden.shape[0] == 1:
-            if self._transposed is None:
-                self._transposed = _transposed(self.weight)
-            logits = hidden @ self._transposed
+            logits = self.module(hidden).clone()
         else:
-            logits = (self.weight @ hidden.t()).t()
-        return logits if self.bias is None else logits + self.bias
+            hidden = hidden.to(self.weight.dtype)
+            if not self.cpu:
+                logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
+            else:
+                if hidden.shape[0] == 1:
+                    if self._transposed is None:
+                        self._transposed = _transposed(self.weight)
+                    logits = hidden @ self._transposed
+                else:
+                    logits = (self.weight @ hidden.t()).t()
+                if self.bias is not None:
+                    logits = logits + self.bias
+        logits[:, self.vocab:] = float("-inf")
+        return logits
 
 
 @torch.no_grad()
