@@ -201,30 +201,26 @@ class _DecodeHead:
     """
 
     def __init__(self, lm_head: torch.nn.Module, vocab: int):
-        self.vocab = vocab
-        self.module = None if isinstance(lm_head, torch.nn.Linear) else lm_head  # any other head: called as is
-        if self.module is None:
-            self.weight, self.bias = lm_head.weight, lm_head.bias
-            self.cpu = self.weight.device.type == "cpu"
-        self._transposed = None
+        self.lm_head, self.vocab = lm_head, vocab
+        # the fast path: a plain Linear on a CPU; anything else (a GPU, another kind of head) is called as is
+        self.fast = isinstance(lm_head, torch.nn.Linear) and lm_head.weight.device.type == "cpu"
+        self._transposed = None  # made on the first one-row step (several rows do not need it)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (B, width) -> logits (B, rows), a new tensor; rows from `vocab` on are -inf."""
-        if self.module is not None:
-            logits = self.module(hidden).clone()
+        if not self.fast:
+            logits = self.lm_head(hidden)
         else:
-            hidden = hidden.to(self.weight.dtype)
-            if not self.cpu:
-                logits = torch.nn.functional.linear(hidden, self.weight, self.bias)
+            weight, bias = self.lm_head.weight, self.lm_head.bias
+            hidden = hidden.to(weight.dtype)
+            if hidden.shape[0] == 1:
+                if self._transposed is None:
+                    self._transposed = _transposed(weight)
+                logits = hidden @ self._transposed
             else:
-                if hidden.shape[0] == 1:
-                    if self._transposed is None:
-                        self._transposed = _transposed(self.weight)
-                    logits = hidden @ self._transposed
-                else:
-                    logits = (self.weight @ hidden.t()).t()
-                if self.bias is not None:
-                    logits = logits + self.bias
+                logits = (weight @ hidden.t()).t()
+            if bias is not None:
+                logits = logits + bias
         logits[:, self.vocab:] = float("-inf")
         return logits
 
