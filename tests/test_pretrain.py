@@ -3,17 +3,24 @@ and the code that made them is deterministic and learns."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import random
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from tinygptv_lib.config import PhiConfig, QFormerConfig, VisionConfig, get_config
+from tinygptv_lib.data import world as W
+from tinygptv_lib.data.formats import encode_image, open_image
+from tinygptv_lib.data.images import preprocess
 from tinygptv_lib.model.tinygptv import build_model
 from tinygptv_lib.pretrain import PretrainSettings, load_heads, pretrain
 from tinygptv_lib.pretrain import evaluate as E
 from tinygptv_lib.pretrain.cli import register
+from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseSettings, box_mask, centre_patch, make_view, train_dense,
+                                               view_labels)
 from tinygptv_lib.pretrain.language_stage import LanguageSettings, heldout_documents, train_language
 from tinygptv_lib.pretrain.vision_stage import (VisionSettings, build_vocab, heldout_scenes, scene_pixels,
                                                 train_vision)
@@ -92,8 +99,8 @@ def _tiny_config():
 def _tiny_settings(steps: int = 4) -> PretrainSettings:
     vision = VisionSettings(steps=steps, batch=4, lr=2e-3, warmup=2, embed_dim=16, text_width=32, text_layers=1,
                             text_heads=2, decoder_width=32, decoder_layers=1, decoder_heads=2)
-    return PretrainSettings(vision, LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3),
-                            eval_images=8, eval_documents=4)
+    return PretrainSettings(DenseSettings(steps=steps, batch=4, warmup=2, lr=2e-3), vision,
+                            LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3), eval_images=8, eval_documents=4)
 
 
 def test_tiny_pretraining_is_deterministic_and_its_losses_fall():
@@ -125,6 +132,32 @@ def test_tiny_pretrain_command_writes_files_that_load_and_reproduce(tmp_path):
     load_nano_backbones(model, tmp_path / "a")
 
 
+def test_one_part_runs_keep_the_other_part_and_refuse_a_different_recipe(tmp_path):
+    cfg = _tiny_config()
+    pretrain(tmp_path, seed=1, cfg=cfg, settings=_tiny_settings(), progress=False)
+    files = {n: (tmp_path / n).read_bytes() for n in ("eva_vit_nano.safetensors", "blip2_qformer_nano.safetensors",
+                                                     "pretraining_heads.safetensors", "phi-2-nano/model.safetensors")}
+    more = _tiny_settings()
+    more.language.steps = 6
+    q = pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language")
+    for name in ("eva_vit_nano.safetensors", "blip2_qformer_nano.safetensors", "pretraining_heads.safetensors"):
+        assert (tmp_path / name).read_bytes() == files[name], name
+    assert (tmp_path / "phi-2-nano/model.safetensors").read_bytes() != files["phi-2-nano/model.safetensors"]
+    assert q["part"] == "language" and q["steps"]["language"] == 6 and "vision_first" in q["training_loss"]
+    made_by = json.loads((tmp_path / "config.json").read_text())["made_by"]
+    assert made_by.endswith("--seed 1 && python -m tinygptv_lib.pretrain --out " + str(tmp_path) + " --seed 1 --part language")
+    pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language")  # again: replaces, not appends
+    assert json.loads((tmp_path / "config.json").read_text())["made_by"] == made_by
+    other = _tiny_settings()
+    other.vision.lr = 1e-2  # the kept ViT + Q-Former were not made with this
+    with pytest.raises(ValueError, match="pretraining.vision differs"):
+        pretrain(tmp_path, seed=1, cfg=cfg, settings=other, progress=False, part="language")
+    with pytest.raises(ValueError, match="seed 1 was used"):
+        pretrain(tmp_path, seed=2, cfg=cfg, settings=more, progress=False, part="vision")
+    with pytest.raises(ValueError, match="part must be one of"):
+        pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="phi")
+
+
 def test_register_adds_a_pretrain_subcommand():
     parser = argparse.ArgumentParser(prog="tinygptv")
     register(parser.add_subparsers(dest="command"))
@@ -137,3 +170,73 @@ def test_loading_into_a_model_of_other_numbers_fails_clearly():
 
     with pytest.raises(WeightLoadError):
         load_nano_backbones(build_model(_tiny_config(), stage=None))
+
+
+# --------------------------------------------------------------------------- the ViT's dense phase
+
+
+def _scene_with(objects, size=224):
+    """A scene whose objects we place by hand: (kind, colour, size name, bbox)."""
+    scene = W.make_scene(W.derive_seed("test/dense", 0), size, n_objects=len(objects))
+    scene.objects = [dataclasses.replace(o, kind=k, colour=c, size=s, bbox=b)
+                     for o, (k, c, s, b) in zip(scene.objects, objects)]
+    scene.image = W.render(scene)
+    return scene
+
+
+def test_dense_labels_name_the_centre_patch_and_leave_the_rest_of_an_object_unasked():
+    scene = _scene_with([("star", "red", "large", (0, 0, 64, 64)), ("circle", "blue", "small", (150, 150, 180, 180))])
+    grid = 8  # 112 px / 14: each patch covers 28 px of the 224 px scene
+    view = make_view(scene, 112, None)
+    colour, shape = view_labels(view, grid)
+    red, blue = COLOURS.index("red") + 1, COLOURS.index("blue") + 1
+    star, circle = W.SHAPES.index("star") + 1, W.SHAPES.index("circle") + 1
+    assert colour[0] == red and colour[grid + 1] == red and colour[grid * grid - 1] == 0
+    assert shape[1 * grid + 1] == star  # centre (32, 32) px -> patch (1, 1)
+    assert shape[0] == -100 and shape[grid * grid - 1] == 0  # star, not its centre / background
+    assert shape[5 * grid + 5] == circle and colour[5 * grid + 5] == blue  # centre (165, 165) -> (5, 5)
+
+
+def test_dense_crops_are_native_resolution_and_move_the_labels_with_them():
+    scene = _scene_with([("square", "green", "large", (120, 120, 180, 180)), ("star", "red", "small", (0, 0, 30, 30))])
+    rng = random.Random(0)
+    x0, y0 = rng.randint(0, 112), rng.randint(0, 112)  # what make_view draws from the same rng
+    view = make_view(scene, 112, random.Random(0))
+    assert view.pixels.shape == (3, 112, 112)
+    whole = preprocess(open_image(encode_image(scene.image, "jpg")).crop((x0, y0, x0 + 112, y0 + 112)), 112)
+    assert torch.equal(view.pixels, whole)  # a crop, not a resize
+    assert torch.allclose(view.centres[0], torch.tensor([(150 - x0) / 112, (150 - y0) / 112]))
+    assert (view.boxes >= 0).all() and (view.boxes <= 1).all()
+    mask = box_mask(view.boxes[0], 8)
+    assert mask.any() and centre_patch(view.centres[0], 8) is not None
+    assert bool(mask[centre_patch(view.centres[0], 8)])
+
+
+def test_dense_phase_is_deterministic_and_hands_its_vit_to_the_blip2_phase():
+    cfg, s = _tiny_config(), DenseSettings(steps=12, batch=6, warmup=2, lr=3e-3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the towers' initial weights (pretrain() seeds before each phase)
+        runs.append(train_dense(cfg, s, seed=5))
+    (v1, h1), (v2, h2) = runs
+    assert h1 == h2 and all(torch.equal(a, b) for a, b in zip(v1.state_dict().values(), v2.state_dict().values()))
+    assert sum(h["loss"] for h in h1[-3:]) / 3 < h1[0]["loss"]
+    tok = load_tokenizer()
+    model, _ = train_vision(cfg, _tiny_settings(steps=0).vision, 5, tok, build_vocab(tok, n_scenes=20), vision=v1)
+    assert all(torch.equal(a, b) for a, b in zip(model.vision.state_dict().values(), v1.state_dict().values()))
+
+
+def test_sampled_softmax_estimates_the_full_loss_at_a_twentieth_of_the_rows():
+    from tinygptv_lib.model.phi import build_phi
+    from tinygptv_lib.pretrain.language_stage import corpus_vocab, lm_loss, pad_documents, training_documents
+
+    tok, s = load_tokenizer(), LanguageSettings(batch=4)
+    vocab = corpus_vocab(tok, s, n_docs=50)
+    assert 100 < len(vocab) < 2000 and torch.equal(vocab, vocab.sort().values)
+    torch.manual_seed(0)
+    phi = build_phi(_tiny_config().phi).eval()
+    ids, mask = pad_documents(training_documents(tok, 0, 0, s))
+    full = lm_loss(phi, ids, mask).item()
+    sampled = [lm_loss(phi, ids, mask, vocab).item() for _ in range(3)]
+    assert all(abs(x - full) < 0.02 * full for x in sampled), (full, sampled)
+    assert len(set(sampled)) > 1  # a new draw of negatives each call

@@ -3,13 +3,12 @@ and referring boxes. Scenes come from the world's evaluation seed stream, never 
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ..data import world as W
 from ..data.images import preprocess
 from ..infer.generate import greedy_generate
+from .metrics import normalize_answer
 from ..tokenizer import load_tokenizer
 
 PROMPT = "[INST] <Img><ImageHere></Img> {} [/INST]"
@@ -35,12 +34,14 @@ def eval_items(n_scenes: int, seed: int = 0, size: int = 224) -> list[dict]:
 
 
 def normalise(text: str) -> str:
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+    """VQA's answer normalisation (lower case, punctuation, number words -> digits, no articles), so
+    "Two." matches "2" and "a star" matches "star", as the VQA benchmarks score them."""
+    return normalize_answer(text)
 
 
 @torch.no_grad()
 def evaluate_shapes(model, n_scenes: int = 60, seed: int = 0, batch_size: int = 32) -> dict:
-    """Accuracy per question kind (exact match after normalisation) and the share of boxes with IoU > 0.5."""
+    """Accuracy per question kind (exact match after VQA's normalisation) and the share of boxes with IoU > 0.5."""
     tok = load_tokenizer()
     items = eval_items(n_scenes, seed)
     size = model.cfg.vision.img_size

@@ -11,6 +11,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds torch, random, numpy and every scene drawn")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: OMP_NUM_THREADS, else 2); part of what reproduces a run")
+    p.add_argument("--part", choices=("all", "vision", "language"), default="all",
+                   help="retrain one part and keep the other as written in --out (same seed and settings)")
+    p.add_argument("--dense-steps", type=int, default=None,
+                   help="override the ViT-alone dense-label steps that come first (0 skips them)")
     p.add_argument("--vision-steps", type=int, default=None, help="override the ViT + Q-Former steps")
     p.add_argument("--language-steps", type=int, default=None, help="override the Phi steps")
     p.set_defaults(func=run)
@@ -21,11 +25,13 @@ def run(args: argparse.Namespace) -> int:
     from .run import PretrainSettings, pretrain
 
     settings = PretrainSettings()
+    if args.dense_steps is not None:
+        settings.dense.steps = args.dense_steps
     if args.vision_steps is not None:
         settings.vision.steps = args.vision_steps
     if args.language_steps is not None:
         settings.language.steps = args.language_steps
-    quality = pretrain(args.out, seed=args.seed, settings=settings, threads=args.threads)
+    quality = pretrain(args.out, seed=args.seed, settings=settings, threads=args.threads, part=args.part)
     r, p = quality["retrieval"], quality["perplexity"]
     print(f"image -> text retrieval top-1: {r['image_to_text_top1']:.3f} among {r['n']} held-out captions "
           f"(chance {r['chance']:.3f}); text -> image: {r['text_to_image_top1']:.3f}")

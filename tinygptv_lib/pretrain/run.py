@@ -24,6 +24,7 @@ from ..weights.nano import BLIP2_FILE, load_nano_backbones
 from . import evaluate as E
 from . import export
 from .common import seed_everything, set_threads
+from .dense_stage import DenseSettings, train_dense
 from .heads import CompactVocab
 from .language_stage import LanguageSettings, heldout_documents, train_language
 from .vision_stage import VisionPretrainer, VisionSettings, build_vocab, heldout_scenes, scene_pixels, train_vision
@@ -34,6 +35,7 @@ QUALITY_FILE = "quality.json"
 
 @dataclass
 class PretrainSettings:
+    dense: DenseSettings = field(default_factory=DenseSettings)
     vision: VisionSettings = field(default_factory=VisionSettings)
     language: LanguageSettings = field(default_factory=LanguageSettings)
     eval_images: int = 200  # retrieval among this many held-out captions (chance = 1 / eval_images)
@@ -48,16 +50,31 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="pretraining", unit="step", disable=hidden or not enabled)
 
 
+PARTS = ("all", "vision", "language")
+
+
 def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
-             settings: PretrainSettings | None = None, threads: int | None = None, progress: bool = True) -> dict:
-    """Pretrain, write every file under `out`, and return the quality measured from those files."""
+             settings: PretrainSettings | None = None, threads: int | None = None, progress: bool = True,
+             part: str = "all") -> dict:
+    """Pretrain, write every file under `out`, and return the quality measured from those files.
+
+    part: "all" trains both towers; "vision" (ViT + Q-Former) or "language" (Phi) retrains one and
+    keeps the other as already written in `out` by a run with the same seed and settings for it.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     out = Path(out)
     cfg = cfg or get_config("nano")
     settings = settings or PretrainSettings()
+    kept = {"vision": ("dense", "vision"), "language": ("language",), "all": ()}
+    kept_parts = kept["language" if part == "vision" else "vision" if part == "language" else "all"]
+    before = _previous_run(out, seed, settings, kept_parts) if kept_parts else None
     threads = set_threads(threads)
     tokenizer = load_tokenizer()
     start = time.perf_counter()
-    bar = _progress(settings.vision.steps + settings.language.steps, progress)
+    train_vision_part, train_language_part = part in ("all", "vision"), part in ("all", "language")
+    bar = _progress(train_vision_part * (settings.dense.steps + settings.vision.steps)
+                    + train_language_part * settings.language.steps, progress)
 
     def tick(stage: str):
         def on_step(losses: dict) -> None:
@@ -65,34 +82,79 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
             bar.update(1)
         return on_step
 
-    seed_everything(seed)
-    vocab = build_vocab(tokenizer)
-    vision_model, vision_history = train_vision(cfg, settings.vision, seed, tokenizer, vocab, tick("vision"))
-    vision_seconds = time.perf_counter() - start
-    seed_everything(seed)
-    phi, language_history = train_language(cfg, settings.language, seed, tokenizer, tick("language"))
+    seconds, losses = {}, {}
+    if train_vision_part:
+        seed_everything(seed)
+        vit, dense_history = None, []
+        if settings.dense.steps:
+            vit, dense_history = train_dense(cfg, settings.dense, seed, tick("dense"))
+        seconds["dense"] = round(time.perf_counter() - start, 1)
+        seed_everything(seed)
+        vocab = build_vocab(tokenizer)
+        vision_model, vision_history = train_vision(cfg, settings.vision, seed, tokenizer, vocab, tick("vision"),
+                                                    vision=vit)
+        seconds["vision"] = round(time.perf_counter() - start - seconds["dense"], 1)
+        if dense_history:
+            losses.update(dense_first=dense_history[0], dense_last_50=_mean(dense_history[-50:]))
+        losses.update(vision_first=vision_history[0], vision_last_50=_mean(vision_history[-50:]))
+    else:
+        vision_model, vocab = load_heads(out, cfg)
+    if train_language_part:
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        phi, language_history = train_language(cfg, settings.language, seed, tokenizer, tick("language"))
+        seconds["language"] = round(time.perf_counter() - t0, 1)
+        losses.update(language_first=language_history[0]["loss"],
+                      language_last_50=_mean(language_history[-50:])["loss"])
+    else:
+        tower = build_model(cfg, stage=None)
+        load_nano_backbones(tower, out)
+        phi = tower.phi
     bar.close()
-    train_seconds = time.perf_counter() - start
 
     sizes = export.write_backbones(out, cfg, vision_model, phi, vocab)
+    command = f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}" + ("" if part == "all" else f" --part {part}")
+    earlier = [] if before is None else [c for c in before["config"]["made_by"].split(" && ")
+                                          if not c.endswith(f"--part {part}")]  # what this run replaces goes
+    made_by = " && ".join(earlier + [command])
     (out / CONFIG_FILE).write_text(json.dumps({
-        "made_by": f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}",
-        "seed": seed, "model": cfg.to_dict(), "pretraining": dataclasses.asdict(settings),
+        "made_by": made_by, "seed": seed, "model": cfg.to_dict(), "pretraining": dataclasses.asdict(settings),
     }, indent=2) + "\n")
     quality = measure(out, cfg, settings)
+    old = before["quality"] if before else {}
+    steps = {"dense": settings.dense.steps, "vision": settings.vision.steps, "language": settings.language.steps}
+    batch = {"dense": settings.dense.batch, "vision": settings.vision.batch, "language": settings.language.batch}
+    if before:  # the kept part's seconds and losses come from the run that trained it
+        for name in kept_parts:
+            seconds[name] = old.get("seconds", {}).get(name)
+        losses = {**{k: v for k, v in old.get("training_loss", {}).items() if k.startswith(kept_parts)}, **losses}
+    seconds["total_with_evaluation"] = round(time.perf_counter() - start, 1)
     quality.update({
-        "seed": seed, "threads": threads, "torch_version": torch.__version__,
-        "steps": {"vision": settings.vision.steps, "language": settings.language.steps},
-        "batch": {"vision": settings.vision.batch, "language": settings.language.batch},
-        "seconds": {"vision": round(vision_seconds, 1), "language": round(train_seconds - vision_seconds, 1),
-                    "total_with_evaluation": round(time.perf_counter() - start, 1)},
-        "training_loss": {"vision_first": vision_history[0], "vision_last_50": _mean(vision_history[-50:]),
-                          "language_first": language_history[0]["loss"],
-                          "language_last_50": _mean(language_history[-50:])["loss"]},
+        "seed": seed, "threads": threads, "torch_version": torch.__version__, "part": part,
+        "steps": steps, "batch": batch, "seconds": seconds, "training_loss": losses,
         "file_bytes": sizes, "storage_dtype": str(export.STORE_DTYPE).replace("torch.", ""),
     })
     (out / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
     return quality
+
+
+def _previous_run(out: Path, seed: int, settings: PretrainSettings, kept_parts: tuple[str, ...]) -> dict:
+    """The config and quality of the run whose files a one-part run keeps; its seed and its
+    settings for the kept part must be this run's (else the folder would mix two recipes)."""
+    try:
+        config = json.loads((out / CONFIG_FILE).read_text())
+        quality = json.loads((out / QUALITY_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out}: a one-part run keeps the other part's files, but {out / CONFIG_FILE} or "
+                         f"{out / QUALITY_FILE} is missing or unreadable ({e}); run with --part all first") from e
+    if config.get("seed") != seed:
+        raise ValueError(f"{out / CONFIG_FILE}: seed {config.get('seed')} was used for the kept files, not {seed}")
+    now = dataclasses.asdict(settings)
+    for name in kept_parts:
+        if config.get("pretraining", {}).get(name) != now[name]:
+            raise ValueError(f"{out / CONFIG_FILE}: pretraining.{name} differs from the settings of this run; "
+                             f"the kept files were made with {config.get('pretraining', {}).get(name)}")
+    return {"config": config, "quality": quality}
 
 
 def _mean(history: list[dict]) -> dict:

@@ -89,15 +89,18 @@ def _conversation(first_prompt: str, facts: str, answer: str, later: list[tuple[
 def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8) -> list[Piece]:
     """One LM training document about `scene`, in one of the course's stage layouts (BOS not included)."""
     facts = scene_sheet(scene) if rng.random() < context_share else ""
-    kind = rng.choices(("caption", "detail", "task", "chat"), weights=(2, 2, 4, 2))[0]
+    kind = rng.choices(("caption", "detail", "task", "chat"), weights=(2, 1, 5, 2))[0]
     if kind == "caption":  # stages 1-2: [BOS][image][caption\n]
         return _fill("<ImageHere>", facts) + [W.short_caption(scene) + "\n"]
     if kind == "detail":  # stage 3
         prompt = STAGE3.format(f"{IMAGE} {rng.choice(DETAIL_PROMPTS)}")
         return _conversation(prompt, facts, W.detailed_description(scene), [])
-    if kind == "task":  # stage 4, one task with its identifier
-        instruction, answer = rng.choice(W.task_samples(scene) + _extra_tasks(scene, rng))
-        return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer, [])
+    if kind == "task":  # stage 4: several tasks with their identifiers, one conversation (MiniGPT-v2's multi-task chats)
+        tasks = W.task_samples(scene) + _extra_tasks(scene, rng)
+        picked = rng.sample(tasks, min(len(tasks), rng.randint(3, 6)))
+        (instruction, answer), later = picked[0], picked[1:]
+        return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer,
+                             [(STAGE4.format(i), a) for i, a in later])
     chat = W.conversation(scene)  # stage 4, LLaVA-style multi-turn
     pairs = [(chat[k]["value"].replace("<image>\n", ""), chat[k + 1]["value"]) for k in range(0, len(chat) - 1, 2)]
     first = STAGE4.format(f"{IMAGE} {pairs[0][0]}")
@@ -107,7 +110,7 @@ def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8) 
 
 def _extra_tasks(scene: W.Scene, rng: random.Random) -> list[tuple[str, str]]:
     """More [vqa] / [refer] / [identify] items than `task_samples` draws (counting, boxes)."""
-    out = [(f"[vqa] {qa.question}", qa.answer) for qa in W.pick_questions(scene, 2, "lm-vqa")]
+    out = [(f"[vqa] {qa.question}", qa.answer) for qa in W.pick_questions(scene, 4, "lm-vqa")]
     w, h = scene.width, scene.height
     for ref in W.referring_expressions(scene):
         box = W.box_to_text(ref.bbox, w, h)

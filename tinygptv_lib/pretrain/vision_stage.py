@@ -202,13 +202,19 @@ def _to(x, device):
 
 
 def train_vision(cfg: TinyGPTVConfig, s: VisionSettings, seed: int, tokenizer, vocab: H.CompactVocab,
-                 on_step=None, device: str = "cpu") -> tuple[VisionPretrainer, list[dict]]:
-    """Train from scratch for `s.steps` steps; returns the model and the per-step losses.
+                 on_step=None, device: str = "cpu",
+                 vision: VisionTower | None = None) -> tuple[VisionPretrainer, list[dict]]:
+    """Train for `s.steps` steps; returns the model and the per-step losses.
+
+    `vision`: a ViT to start from (the dense phase's, `dense_stage.py`); else it starts from random.
 
     The Q-Former's dropout stays off (eval mode while training): every picture is new, so there is
     nothing to over-fit, and dropout would only slow a run this short.
     """
-    model = VisionPretrainer(cfg, len(vocab), s).to(device)
+    model = VisionPretrainer(cfg, len(vocab), s)
+    if vision is not None:
+        model.vision.load_state_dict(vision.state_dict())
+    model = model.to(device)
     model.eval()
     opt = adamw(model, s.lr, s.weight_decay)
     history = []
