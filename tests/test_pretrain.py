@@ -76,6 +76,15 @@ def test_shipped_towers_retrieve_held_out_captions_far_above_chance():
     assert r["image_to_text_top1"] >= 10 * r["chance"], r
 
 
+def test_shipped_phi_answers_from_a_scene_sheet_in_the_image_slot():
+    model = build_model("nano", stage=None)
+    load_nano_backbones(model)
+    r = E.sheet_reading(model.phi.eval(), load_tokenizer(), n_scenes=20)
+    chance = {"colour": 1 / len(W.COLOURS), "shape": 1 / len(W.SHAPES), "count": 1 / 5}
+    for kind, level in chance.items():
+        assert r[kind] >= 2 * level, (kind, r)
+
+
 def test_shipped_phi_has_a_low_held_out_perplexity():
     docs = heldout_documents(load_tokenizer(), 24, LanguageSettings())
     torch.manual_seed(0)
@@ -100,7 +109,8 @@ def _tiny_settings(steps: int = 4) -> PretrainSettings:
     vision = VisionSettings(steps=steps, batch=4, lr=2e-3, warmup=2, embed_dim=16, text_width=32, text_layers=1,
                             text_heads=2, decoder_width=32, decoder_layers=1, decoder_heads=2)
     return PretrainSettings(DenseSettings(steps=steps, batch=4, warmup=2, lr=2e-3), vision,
-                            LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3), eval_images=8, eval_documents=4)
+                            LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3), eval_images=8, eval_documents=4,
+                            eval_sheets=3)
 
 
 def test_tiny_pretraining_is_deterministic_and_its_losses_fall():
@@ -123,8 +133,9 @@ def test_tiny_pretrain_command_writes_files_that_load_and_reproduce(tmp_path):
     cfg = _tiny_config()
     q1 = pretrain(tmp_path / "a", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False)
     q2 = pretrain(tmp_path / "b", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False)
-    for key in ("retrieval", "perplexity", "probes", "training_loss"):
+    for key in ("retrieval", "perplexity", "probes", "training_loss", "sheet_reading"):
         assert q1[key] == q2[key]
+    assert set(q1["sheet_reading"]) <= {"colour", "shape", "count", "refer_iou50"} and q1["sheet_reading"]
     for name in ("eva_vit_nano.safetensors", "blip2_qformer_nano.safetensors", "phi-2-nano/model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert q1["retrieval"]["chance"] == 1 / 8 and q1["seed"] == 1

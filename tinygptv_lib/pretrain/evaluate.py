@@ -9,6 +9,9 @@
   IoU > 0.5). A direct look at what the 32 frozen queries know.
 - `slot_probe`: what the linear slot head reads off the frozen queries, object by object.
 - `perplexity`: exp(mean next-token loss) of a Phi on held-out documents.
+- `sheet_reading`: the course's held-out questions put to Phi alone, with the true scene sheet as
+  text where the image will stand: what Phi could answer if the image tokens said everything.
+  The course's scores after the stages sit under this ceiling.
 """
 from __future__ import annotations
 
@@ -136,3 +139,37 @@ def slot_probe(queries_fn: Callable, slot_head, scenes: list[W.Scene], pixels: t
     out["slot_count_accuracy"] = round(counts_right / max(1, len(scenes)), 4)
     out["slot_box_iou_over_0.5"] = round(sum(i > 0.5 for i in ious) / max(1, len(ious)), 4)
     return out
+
+
+@torch.no_grad()
+def sheet_reading(phi, tokenizer, n_scenes: int = 40, max_new_tokens: int = 16) -> dict:
+    """Accuracy of greedy answers to the course's held-out items (`eval/shapes.py`, same scenes and
+    scoring) when the image slot holds the scene sheet as text."""
+    from ..eval.shapes import eval_items, normalise
+
+    scores: dict[str, list[float]] = {}
+    for it in eval_items(n_scenes):
+        pieces = T._fill(T.STAGE4.format(f"{T.IMAGE} {it['question']}"), T.scene_sheet(it["scene"]))
+        ids = torch.tensor([T.tokenize_pieces(tokenizer, pieces)])
+        out, cache = [], None
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            res = phi(input_ids=step_ids, cache=cache, use_cache=True)  # transformers 5's name for the KV cache
+            cache = res.cache if hasattr(res, "cache") else res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            if nxt == tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            if "###" in tokenizer.decode(out):
+                break
+            step_ids = torch.tensor([[nxt]])
+        answer = tokenizer.decode(out).split("###")[0].strip()
+        if it["kind"] == "refer_iou50":
+            try:
+                ok = W.iou(W.box_from_text(answer, it["scene"].width, it["scene"].height), it["box"]) > 0.5
+            except ValueError:
+                ok = False
+        else:
+            ok = normalise(answer) == normalise(it["answer"])
+        scores.setdefault(it["kind"], []).append(float(ok))
+    return {k: round(sum(v) / len(v), 4) for k, v in scores.items()}

@@ -40,6 +40,7 @@ class PretrainSettings:
     language: LanguageSettings = field(default_factory=LanguageSettings)
     eval_images: int = 200  # retrieval among this many held-out captions (chance = 1 / eval_images)
     eval_documents: int = 200
+    eval_sheets: int = 40  # held-out course scenes for sheet_reading (each gives up to 4 items)
 
 
 def _progress(total: int, enabled: bool):
@@ -194,7 +195,7 @@ def load_heads(folder: str | Path, cfg: TinyGPTVConfig | None = None) -> tuple[V
 
 @torch.no_grad()
 def measure(folder: str | Path, cfg: TinyGPTVConfig | None = None, settings: PretrainSettings | None = None,
-            n_images: int | None = None, n_documents: int | None = None) -> dict:
+            n_images: int | None = None, n_documents: int | None = None, n_sheet: int | None = None) -> dict:
     """Quality of the backbones as written (fp16 storage included), on held-out scenes and documents."""
     settings = settings or PretrainSettings()
     folder = Path(folder)
@@ -211,8 +212,9 @@ def measure(folder: str | Path, cfg: TinyGPTVConfig | None = None, settings: Pre
     load_nano_backbones(tower, folder)
     docs = heldout_documents(tokenizer, n_documents or settings.eval_documents, settings.language)
     ppl = E.perplexity(tower.phi.eval(), docs)
+    reading = E.sheet_reading(tower.phi, tokenizer, n_sheet or settings.eval_sheets)
     torch.manual_seed(0)
     random_ppl = E.perplexity(build_model(cfg, stage=None).phi.eval(), docs)
     return {"retrieval": retrieval, "perplexity": {"heldout": round(ppl, 3), "random_phi": round(random_ppl, 1),
                                                    "documents": len(docs), "tokens": sum(len(d) - 1 for d in docs)},
-            "probes": probes}
+            "probes": probes, "sheet_reading": reading}
