@@ -162,7 +162,7 @@ def train_dense(cfg: TinyGPTVConfig, s: DenseSettings, seed: int, on_step=None,
         views = training_views(seed, step, s, cfg.vision.img_size)
         pixels = torch.stack([v.pixels for v in views]).to(device)
         set_lr(opt, lr_at(step, s.steps, s.lr, s.warmup))
-        tokens = vision(pixels)[:, 1:].cpu() if device != "cpu" else vision(pixels)[:, 1:]
+        tokens = vision(pixels)[:, 1:].cpu()  # the labels are built on the CPU
         losses = dense_loss(heads, tokens, views, grid)
         loss = losses["patch"] + losses["object"]
         opt.zero_grad(set_to_none=True)
@@ -174,18 +174,3 @@ def train_dense(cfg: TinyGPTVConfig, s: DenseSettings, seed: int, on_step=None,
             on_step(history[-1])
     return vision.cpu().eval(), history
 
-
-@torch.no_grad()
-def centre_shape_accuracy(vision: VisionTower, heads: DenseHeads | None, scenes: list[W.Scene]) -> float:
-    """Shape named by the patch head at each object's centre patch (whole scenes at the tower's size)."""
-    grid = vision.cfg.img_size // vision.cfg.patch_size
-    views = [make_view(sc, vision.cfg.img_size, None) for sc in scenes]
-    logits = heads.patch(vision(torch.stack([v.pixels for v in views]))[:, 1:]).split(heads.sizes, dim=-1)[1]
-    hits = total = 0
-    for b, v in enumerate(views):
-        for c, s in zip(v.centres, v.shape):
-            k = centre_patch(c, grid)
-            if k is not None:
-                hits += int(logits[b, k].argmax().item() == s.item() + 1)
-                total += 1
-    return hits / max(1, total)

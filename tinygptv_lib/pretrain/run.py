@@ -67,8 +67,7 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
     out = Path(out)
     cfg = cfg or get_config("nano")
     settings = settings or PretrainSettings()
-    kept = {"vision": ("dense", "vision"), "language": ("language",), "all": ()}
-    kept_parts = kept["language" if part == "vision" else "vision" if part == "language" else "all"]
+    kept_parts = {"all": (), "vision": ("language",), "language": ("dense", "vision")}[part]  # not retrained
     before = _previous_run(out, seed, settings, kept_parts) if kept_parts else None
     threads = set_threads(threads)
     tokenizer = load_tokenizer()
