@@ -18,10 +18,12 @@ from tinygptv_lib.data.images import preprocess
 from tinygptv_lib.model.tinygptv import build_model
 from tinygptv_lib.pretrain import PretrainSettings, load_heads, pretrain
 from tinygptv_lib.pretrain import evaluate as E
+from tinygptv_lib.pretrain import texts as T
 from tinygptv_lib.pretrain.cli import register
 from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseSettings, box_mask, centre_patch, make_view, train_dense,
                                                view_labels)
-from tinygptv_lib.pretrain.language_stage import LanguageSettings, heldout_documents, train_language
+from tinygptv_lib.pretrain.language_stage import (LanguageSettings, document, heldout_documents, reading_settings,
+                                                  train_language)
 from tinygptv_lib.pretrain.vision_stage import (VisionSettings, build_vocab, heldout_scenes, scene_pixels,
                                                 train_vision)
 from tinygptv_lib.tokenizer import load_tokenizer
@@ -109,8 +111,9 @@ def _tiny_settings(steps: int = 4) -> PretrainSettings:
     vision = VisionSettings(steps=steps, batch=4, lr=2e-3, warmup=2, embed_dim=16, text_width=32, text_layers=1,
                             text_heads=2, decoder_width=32, decoder_layers=1, decoder_heads=2)
     return PretrainSettings(DenseSettings(steps=steps, batch=4, warmup=2, lr=2e-3), vision,
-                            LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3), eval_images=8, eval_documents=4,
-                            eval_sheets=3)
+                            LanguageSettings(steps=steps, batch=4, warmup=2, lr=3e-3),
+                            dataclasses.replace(reading_settings(), steps=steps, batch=4, warmup=2),
+                            eval_images=8, eval_documents=4, eval_sheets=3)
 
 
 def test_tiny_pretraining_is_deterministic_and_its_losses_fall():
@@ -167,6 +170,49 @@ def test_one_part_runs_keep_the_other_part_and_refuse_a_different_recipe(tmp_pat
         pretrain(tmp_path, seed=2, cfg=cfg, settings=more, progress=False, part="vision")
     with pytest.raises(ValueError, match="part must be one of"):
         pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="phi")
+
+
+def test_reading_phase_continues_the_written_phi_once(tmp_path):
+    cfg, phi_file = _tiny_config(), "phi-2-nano/model.safetensors"
+    one = pretrain(tmp_path / "one", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False)
+    assert json.loads((tmp_path / "one/config.json").read_text())["phi_phases"] == ["language", "reading"]
+    assert one["steps"]["reading"] == 4 and "reading_last_50" in one["training_loss"]
+    with pytest.raises(ValueError, match="reading phase already"):
+        pretrain(tmp_path / "one", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="reading")
+    first_only = _tiny_settings()
+    first_only.reading.steps = 0
+    pretrain(tmp_path / "two", seed=1, cfg=cfg, settings=first_only, progress=False)
+    assert json.loads((tmp_path / "two/config.json").read_text())["phi_phases"] == ["language"]
+    vit = (tmp_path / "two/eva_vit_nano.safetensors").read_bytes()
+    before = (tmp_path / "two" / phi_file).read_bytes()
+    pretrain(tmp_path / "two", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="reading")
+    assert (tmp_path / "two" / phi_file).read_bytes() != before
+    # the two-command chain gives the one run's weights: the reading phase starts from the Phi as written
+    assert (tmp_path / "two" / phi_file).read_bytes() == (tmp_path / "one" / phi_file).read_bytes()
+    assert (tmp_path / "two/eva_vit_nano.safetensors").read_bytes() == vit
+    config = json.loads((tmp_path / "two/config.json").read_text())
+    assert config["phi_phases"] == ["language", "reading"] and config["made_by"].endswith("--seed 1 --part reading")
+    pretrain(tmp_path / "two", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="language")
+    made_by = json.loads((tmp_path / "two/config.json").read_text())["made_by"]
+    assert "--part reading" not in made_by and made_by.endswith("--seed 1 --part language")  # both phases again
+
+
+def test_reading_documents_hide_the_facts_from_the_loss_and_drill_lookups():
+    tok = load_tokenizer()
+    seeds = [W.derive_seed("test/reading", i) for i in range(40)]
+    first = [document(tok, s, LanguageSettings(context_share=1.0)) for s in seeds]
+    second = [document(tok, s, dataclasses.replace(reading_settings(), context_share=1.0)) for s in seeds]
+    assert all(all(t[1:]) for _, t in first)  # first phase: every token after BOS is a target
+    for (ids, target), s in zip(second, seeds):
+        sheet = tok(T.scene_sheet(W.make_scene(s, 224)), add_special_tokens=False)["input_ids"]
+        hidden = [i for i, t in zip(ids, target) if not t]
+        assert hidden[1:] == sheet[: len(hidden) - 1]  # BOS, then exactly the sheet's tokens are not targets
+    turns = [sum(1 for i in ids if i == 50256) for ids, _ in second]  # BOS opens every turn
+    assert max(turns) >= 6  # drills: 6 to 10 turns about one sheet
+    drills = [t for s in seeds for t in T._drill_turns(W.make_scene(s, 224), random.Random(s), 10)]
+    colour = sum(q.startswith("[vqa] What colour") and a != "unanswerable" for q, a in drills)
+    unanswerable = sum(a == "unanswerable" for _, a in drills)
+    assert len(set(drills)) > 300 and colour > 2 * unanswerable > 0  # a kind first: absent shapes do not dominate
 
 
 def test_register_adds_a_pretrain_subcommand():
@@ -246,8 +292,8 @@ def test_sampled_softmax_estimates_the_full_loss_at_a_twentieth_of_the_rows():
     assert 100 < len(vocab) < 2000 and torch.equal(vocab, vocab.sort().values)
     torch.manual_seed(0)
     phi = build_phi(_tiny_config().phi).eval()
-    ids, mask = pad_documents(training_documents(tok, 0, 0, s))
-    full = lm_loss(phi, ids, mask).item()
-    sampled = [lm_loss(phi, ids, mask, vocab).item() for _ in range(3)]
+    ids, mask, target = pad_documents(training_documents(tok, 0, 0, s))
+    full = lm_loss(phi, ids, mask, target).item()
+    sampled = [lm_loss(phi, ids, mask, target, vocab).item() for _ in range(3)]
     assert all(abs(x - full) < 0.02 * full for x in sampled), (full, sampled)
     assert len(set(sampled)) > 1  # a new draw of negatives each call

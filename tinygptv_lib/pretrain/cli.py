@@ -11,12 +11,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds torch, random, numpy and every scene drawn")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: OMP_NUM_THREADS, else 2); part of what reproduces a run")
-    p.add_argument("--part", choices=("all", "vision", "language"), default="all",
-                   help="retrain one part and keep the other as written in --out (same seed and settings)")
+    p.add_argument("--part", choices=("all", "vision", "language", "reading"), default="all",
+                   help="retrain one part and keep the rest as written in --out (same seed and settings); "
+                        "language = both Phi phases, reading = Phi's second phase only")
     p.add_argument("--dense-steps", type=int, default=None,
                    help="override the ViT-alone dense-label steps that come first (0 skips them)")
     p.add_argument("--vision-steps", type=int, default=None, help="override the ViT + Q-Former steps")
-    p.add_argument("--language-steps", type=int, default=None, help="override the Phi steps")
+    p.add_argument("--language-steps", type=int, default=None, help="override the steps of Phi's first phase")
+    p.add_argument("--reading-steps", type=int, default=None,
+                   help="override the steps of Phi's second phase, the reading drills (0 skips it)")
     p.set_defaults(func=run)
     return p
 
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         settings.vision.steps = args.vision_steps
     if args.language_steps is not None:
         settings.language.steps = args.language_steps
+    if args.reading_steps is not None:
+        settings.reading.steps = args.reading_steps
     quality = pretrain(args.out, seed=args.seed, settings=settings, threads=args.threads, part=args.part)
     r, p = quality["retrieval"], quality["perplexity"]
     print(f"image -> text retrieval top-1: {r['image_to_text_top1']:.3f} among {r['n']} held-out captions "

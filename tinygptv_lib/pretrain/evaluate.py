@@ -8,7 +8,7 @@
   four numbers of every box (mean error on 0..100, and how often the box overlaps the truth with
   IoU > 0.5). A direct look at what the 32 frozen queries know.
 - `slot_probe`: what the linear slot head reads off the frozen queries, object by object.
-- `perplexity`: exp(mean next-token loss) of a Phi on held-out documents.
+- `perplexity`: exp(mean next-token loss) of a Phi on held-out documents (facts in the image slot not predicted).
 - `sheet_reading`: the course's held-out questions put to Phi alone, with the true scene sheet as
   text where the image will stand: what Phi could answer if the image tokens said everything.
   The course's scores after the stages sit under this ceiling.
@@ -95,19 +95,16 @@ def sheet_probe(queries_fn: Callable, decoder, tokenizer, vocab: H.CompactVocab,
 
 
 @torch.no_grad()
-def perplexity(phi, documents: list[list[int]], batch: int = 16) -> float:
-    """exp(mean loss per predicted token) over the documents (each starts with BOS)."""
+def perplexity(phi, documents: list[tuple[list[int], list[bool]]], batch: int = 16) -> float:
+    """exp(mean loss per target token) over the documents ((ids, targets) as `language_stage.document`
+    makes them: the facts in the image slot are read, not predicted)."""
+    from .language_stage import pad_documents
+
     total, count = 0.0, 0
     for start in range(0, len(documents), batch):
-        rows = documents[start:start + batch]
-        T_ = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), T_, dtype=torch.long)
-        mask = torch.zeros(len(rows), T_, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask, target = pad_documents(documents[start:start + batch])
         hidden = phi.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        where = mask[:, 1:].bool()
+        where = target[:, 1:]
         logits = phi.lm_head(hidden[:, :-1][where])
         total += F.cross_entropy(logits.float(), ids[:, 1:][where], reduction="sum").item()
         count += int(where.sum())

@@ -2,6 +2,9 @@
 
     python -m tinygptv_lib.pretrain --out tinygptv_lib/assets/nano_backbones --seed 0
 
+Phases, in order: dense (the ViT alone), vision (ViT + Q-Former, BLIP-2's losses), language (Phi
+from scratch), reading (Phi on from the language phase: lookup drills). `--part` reruns some of them.
+
 Steps, not seconds, fix the length of the run, so the same seed on the same machine (and thread
 count) gives the same weights and the same quality numbers; only the timings change.
 """
@@ -26,7 +29,7 @@ from . import export
 from .common import seed_everything, set_threads
 from .dense_stage import DenseSettings, train_dense
 from .heads import CompactVocab
-from .language_stage import LanguageSettings, heldout_documents, train_language
+from .language_stage import LanguageSettings, heldout_documents, reading_settings, train_language
 from .vision_stage import VisionPretrainer, VisionSettings, build_vocab, heldout_scenes, scene_pixels, train_vision
 
 CONFIG_FILE = "config.json"
@@ -38,6 +41,7 @@ class PretrainSettings:
     dense: DenseSettings = field(default_factory=DenseSettings)
     vision: VisionSettings = field(default_factory=VisionSettings)
     language: LanguageSettings = field(default_factory=LanguageSettings)
+    reading: LanguageSettings = field(default_factory=reading_settings)  # Phi's second phase, on from `language`
     eval_images: int = 200  # retrieval among this many held-out captions (chance = 1 / eval_images)
     eval_documents: int = 200
     eval_sheets: int = 40  # held-out course scenes for sheet_reading (each gives up to 4 items)
@@ -51,7 +55,10 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="pretraining", unit="step", disable=hidden or not enabled)
 
 
-PARTS = ("all", "vision", "language")
+PARTS = ("all", "vision", "language", "reading")
+# What each part trains (the rest is kept as written in `out`); "reading" continues the Phi in `out`.
+TRAINS = {"all": ("dense", "vision", "language", "reading"), "vision": ("dense", "vision"),
+          "language": ("language", "reading"), "reading": ("reading",)}
 
 
 def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
@@ -59,22 +66,26 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
              part: str = "all") -> dict:
     """Pretrain, write every file under `out`, and return the quality measured from those files.
 
-    part: "all" trains both towers; "vision" (ViT + Q-Former) or "language" (Phi) retrains one and
-    keeps the other as already written in `out` by a run with the same seed and settings for it.
+    part: "all" trains both towers; "vision" (ViT + Q-Former) or "language" (Phi, both its phases)
+    retrains one and keeps the other as already written in `out` by a run with the same seed and
+    settings for it; "reading" runs only Phi's second phase, on from a first-phase Phi in `out`.
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     out = Path(out)
     cfg = cfg or get_config("nano")
     settings = settings or PretrainSettings()
-    kept_parts = {"all": (), "vision": ("language",), "language": ("dense", "vision")}[part]  # not retrained
+    trained = TRAINS[part]
+    kept_parts = tuple(n for n in TRAINS["all"] if n not in trained)  # not retrained
     before = _previous_run(out, seed, settings, kept_parts) if kept_parts else None
+    if part == "reading" and "reading" in _phi_phases(before["config"]):
+        raise ValueError(f"{out / CONFIG_FILE}: this Phi has had its reading phase already; run --part language "
+                         "to train both phases again")
     threads = set_threads(threads)
     tokenizer = load_tokenizer()
     start = time.perf_counter()
-    train_vision_part, train_language_part = part in ("all", "vision"), part in ("all", "language")
-    bar = _progress(train_vision_part * (settings.dense.steps + settings.vision.steps)
-                    + train_language_part * settings.language.steps, progress)
+    train_vision_part, train_language_part = "vision" in trained, "language" in trained
+    bar = _progress(sum(getattr(settings, n).steps for n in trained), progress)
 
     def tick(stage: str):
         def on_step(losses: dict) -> None:
@@ -110,20 +121,33 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
         tower = build_model(cfg, stage=None)
         load_nano_backbones(tower, out)
         phi = tower.phi
+    if "reading" in trained and settings.reading.steps:
+        t0 = time.perf_counter()
+        with torch.no_grad():  # start from the first phase's Phi as written (rounded to the storage dtype),
+            for p in phi.parameters():  # so one run and `--part reading` on its files give the same weights
+                p.copy_(p.to(export.STORE_DTYPE))
+        seed_everything(seed)
+        phi, reading_history = train_language(cfg, settings.reading, seed, tokenizer, tick("reading"), phi=phi)
+        seconds["reading"] = round(time.perf_counter() - t0, 1)
+        losses.update(reading_first=reading_history[0]["loss"], reading_last_50=_mean(reading_history[-50:])["loss"])
     bar.close()
 
     sizes = export.write_backbones(out, cfg, vision_model, phi, vocab)
     command = f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}" + ("" if part == "all" else f" --part {part}")
+    replaced = tuple(f"--part {p}" for p in PARTS if set(TRAINS[p]) <= set(trained))
     earlier = [] if before is None else [c for c in before["config"]["made_by"].split(" && ")
-                                          if not c.endswith(f"--part {part}")]  # what this run replaces goes
+                                          if not c.endswith(replaced)]  # what this run replaces goes
     made_by = " && ".join(earlier + [command])
+    phases = [n for n in ("language", "reading") if getattr(settings, n).steps and
+              (n in trained or (before is not None and n in _phi_phases(before["config"])))]
     (out / CONFIG_FILE).write_text(json.dumps({
         "made_by": made_by, "seed": seed, "model": cfg.to_dict(), "pretraining": dataclasses.asdict(settings),
+        "phi_phases": phases,
     }, indent=2) + "\n")
     quality = measure(out, cfg, settings)
     old = before["quality"] if before else {}
-    steps = {"dense": settings.dense.steps, "vision": settings.vision.steps, "language": settings.language.steps}
-    batch = {"dense": settings.dense.batch, "vision": settings.vision.batch, "language": settings.language.batch}
+    steps = {n: getattr(settings, n).steps for n in TRAINS["all"]}
+    batch = {n: getattr(settings, n).batch for n in TRAINS["all"]}
     if before:  # the kept part's seconds and losses come from the run that trained it
         for name in kept_parts:
             seconds[name] = old.get("seconds", {}).get(name)
@@ -149,12 +173,22 @@ def _previous_run(out: Path, seed: int, settings: PretrainSettings, kept_parts: 
                          f"{out / QUALITY_FILE} is missing or unreadable ({e}); run with --part all first") from e
     if config.get("seed") != seed:
         raise ValueError(f"{out / CONFIG_FILE}: seed {config.get('seed')} was used for the kept files, not {seed}")
-    now = dataclasses.asdict(settings)
+    now = json.loads(json.dumps(dataclasses.asdict(settings)))  # tuples as JSON lists, as written
     for name in kept_parts:
-        if config.get("pretraining", {}).get(name) != now[name]:
+        if name == "reading" and "reading" not in _phi_phases(config):
+            continue  # the kept Phi never had a reading phase: nothing of it to match
+        written = config.get("pretraining", {}).get(name)
+        # a field added after the folder was written counts at its default (the recipe it was made with)
+        default = json.loads(json.dumps(dataclasses.asdict(getattr(PretrainSettings(), name))))
+        if written is None or {**default, **written} != now[name]:
             raise ValueError(f"{out / CONFIG_FILE}: pretraining.{name} differs from the settings of this run; "
-                             f"the kept files were made with {config.get('pretraining', {}).get(name)}")
+                             f"the kept files were made with {written}")
     return {"config": config, "quality": quality}
+
+
+def _phi_phases(config: dict) -> list[str]:
+    """Which of Phi's phases made the Phi of a folder (folders from before the reading phase: the first)."""
+    return config.get("phi_phases", ["language"])
 
 
 def _mean(history: list[dict]) -> dict:
@@ -215,5 +249,5 @@ def measure(folder: str | Path, cfg: TinyGPTVConfig | None = None, settings: Pre
     torch.manual_seed(0)
     random_ppl = E.perplexity(build_model(cfg, stage=None).phi.eval(), docs)
     return {"retrieval": retrieval, "perplexity": {"heldout": round(ppl, 3), "random_phi": round(random_ppl, 1),
-                                                   "documents": len(docs), "tokens": sum(len(d) - 1 for d in docs)},
+                                                   "documents": len(docs), "tokens": sum(sum(t[1:]) for _, t in docs)},
             "probes": probes, "sheet_reading": reading}

@@ -14,6 +14,9 @@ Two readers, two kinds of text:
   stand, between `<Img>` and `</Img>`: Phi-2 learnt to answer from context on web text, and here
   the nano Phi learns to answer from what sits in the image slot. A minority has an empty slot,
   which teaches the prior (what answers look like without a picture).
+  Phi's second phase adds *drills*: 6-10 short lookups ([vqa] colour, shape, count, ...; [refer];
+  [identify]) about one sheet, a kind of question drawn first (`DRILL_WEIGHTS`), and reads the
+  sheet without predicting it (`Facts`: not a loss target).
 
 A document is a list of pieces tokenized one by one, exactly as `model/sequence.py` tokenizes a
 prompt (split at `<ImageHere>`) and its answer: "[/INST]" + "blue" is not the same token sequence
@@ -27,6 +30,13 @@ from typing import Union
 from ..data import world as W
 
 BOS = None  # a piece that stands for the BOS token (later turns of a conversation start with it)
+
+
+class Facts(str):
+    """The text that stands where the image will be (the scene sheet). Phi reads it but is never
+    asked to predict it: in the course those positions hold image embeddings, never targets."""
+
+
 Piece = Union[str, None]
 
 from ..data.generate import DETAIL_PROMPTS  # noqa: E402  (the stage-3 instructions, one list for all)
@@ -74,7 +84,7 @@ def caption_target(scene: W.Scene, rng: random.Random, sheet_share: float = 0.5)
 def _fill(prompt: str, facts: str) -> list[Piece]:
     """Split at <ImageHere> like `tokenize_prompt`; the facts (or nothing) take the image's place."""
     before, _, after = prompt.partition("<ImageHere>")
-    return [p for p in (before, facts, after) if p]
+    return [p for p in (before, Facts(facts), after) if p]
 
 
 def _conversation(first_prompt: str, facts: str, answer: str, later: list[tuple[str, str]],
@@ -86,10 +96,20 @@ def _conversation(first_prompt: str, facts: str, answer: str, later: list[tuple[
     return pieces
 
 
-def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8) -> list[Piece]:
-    """One LM training document about `scene`, in one of the course's stage layouts (BOS not included)."""
+KINDS = ("caption", "detail", "task", "chat", "drill")
+
+
+def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8,
+                weights: tuple[float, ...] = (2, 1, 5, 2, 0)) -> list[Piece]:
+    """One LM training document about `scene`, in one of the course's stage layouts (BOS not included).
+    `weights`: how often each of `KINDS` is drawn."""
     facts = scene_sheet(scene) if rng.random() < context_share else ""
-    kind = rng.choices(("caption", "detail", "task", "chat"), weights=(2, 1, 5, 2))[0]
+    kind = rng.choices(KINDS, weights=weights)[0]
+    if kind == "drill":  # stage 4, lookups only: many short [vqa] / [refer] / [identify] turns about one sheet
+        picked = _drill_turns(scene, rng, rng.randint(6, 10))
+        (instruction, answer), later = picked[0], picked[1:]
+        return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer,
+                             [(STAGE4.format(i), a) for i, a in later])
     if kind == "caption":  # stages 1-2: [BOS][image][caption\n]
         return _fill("<ImageHere>", facts) + [W.short_caption(scene) + "\n"]
     if kind == "detail":  # stage 3
@@ -108,23 +128,62 @@ def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8) 
     return _conversation(first, facts, pairs[0][1], later)
 
 
+# How often a drill asks each kind of question (then any question of that kind in the scene): the
+# lookups the later stages ask most (an object's colour, shape, count, box) weigh more, and
+# "unanswerable" (a colour asked of an absent shape) does not outnumber the answerable colour questions.
+DRILL_WEIGHTS = {"colour": 3, "shape": 3, "count": 3, "refer": 3, "identify": 1, "position": 1, "relation": 1,
+                 "yesno": 1, "reading": 1, "unanswerable": 1}
+
+
+def _drill_turns(scene: W.Scene, rng: random.Random, k: int) -> list[tuple[str, str]]:
+    """k different (instruction, answer) lookups about the scene, a kind drawn first (DRILL_WEIGHTS)."""
+    pools: dict[str, list[tuple[str, str]]] = {}
+    for qa in W.vqa_items(scene):
+        pools.setdefault(qa.qtype, []).append((f"[vqa] {qa.question}", qa.answer))
+    for refer, identify in _box_tasks(scene, rng):
+        pools.setdefault("refer", []).append(refer)
+        pools.setdefault("identify", []).append(identify)
+    turns: list[tuple[str, str]] = []
+    while len(turns) < k:
+        kinds = [q for q in DRILL_WEIGHTS if pools.get(q)]
+        if not kinds:
+            break
+        kind = rng.choices(kinds, weights=[DRILL_WEIGHTS[q] for q in kinds])[0]
+        turns.append(pools[kind].pop(rng.randrange(len(pools[kind]))))
+    return turns
+
+
 def _extra_tasks(scene: W.Scene, rng: random.Random) -> list[tuple[str, str]]:
     """More [vqa] / [refer] / [identify] items than `task_samples` draws (counting, boxes)."""
     out = [(f"[vqa] {qa.question}", qa.answer) for qa in W.pick_questions(scene, 4, "lm-vqa")]
-    w, h = scene.width, scene.height
+    for refer, identify in _box_tasks(scene, rng):
+        out += [refer, identify]
+    return out
+
+
+def _box_tasks(scene: W.Scene, rng: random.Random) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Per referring expression: ([refer] phrase -> box, [identify] box -> phrase)."""
+    out = []
     for ref in W.referring_expressions(scene):
-        box = W.box_to_text(ref.bbox, w, h)
-        out.append((f"[refer] {rng.choice(ref.sentences)}", box))
-        out.append((f"[identify] {box}", ref.sentences[0][len("the "):]))
+        box = W.box_to_text(ref.bbox, scene.width, scene.height)
+        out.append(((f"[refer] {rng.choice(ref.sentences)}", box), (f"[identify] {box}", ref.sentences[0][len("the "):])))
     return out
 
 
 def tokenize_pieces(tokenizer, pieces: list[Piece], bos_id: int = 50256) -> list[int]:
     """[BOS] + each piece tokenized on its own (None -> BOS), as the later stages tokenize."""
-    ids = [bos_id]
+    return tokenize_with_targets(tokenizer, pieces, bos_id)[0]
+
+
+def tokenize_with_targets(tokenizer, pieces: list[Piece], bos_id: int = 50256) -> tuple[list[int], list[bool]]:
+    """The ids of `tokenize_pieces` and, per id, whether it is a loss target (False for `Facts`)."""
+    ids, target = [bos_id], [False]
     for piece in pieces:
         if piece is BOS:
             ids.append(bos_id)
+            target.append(True)
         elif piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return ids
+            new = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += new
+            target += [not isinstance(piece, Facts)] * len(new)
+    return ids, target
