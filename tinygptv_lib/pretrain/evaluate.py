@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data import world as W
 from . import heads as H
 from . import texts as T
+from .language_stage import pad_documents
 
 
 @torch.no_grad()
@@ -98,8 +99,6 @@ def sheet_probe(queries_fn: Callable, decoder, tokenizer, vocab: H.CompactVocab,
 def perplexity(phi, documents: list[tuple[list[int], list[bool]]], batch: int = 16) -> float:
     """exp(mean loss per target token) over the documents ((ids, targets) as `language_stage.document`
     makes them: the facts in the image slot are read, not predicted)."""
-    from .language_stage import pad_documents
-
     total, count = 0.0, 0
     for start in range(0, len(documents), batch):
         ids, mask, target = pad_documents(documents[start:start + batch])

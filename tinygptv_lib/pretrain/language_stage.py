@@ -49,7 +49,7 @@ class LanguageSettings:
 
 
 def reading_settings() -> LanguageSettings:
-    """Phi's second phase, on from the first: half its documents are lookup drills (6-10 short
+    """Phi's second phase, on from the first: a third of its documents are lookup drills (6-10 short
     [vqa] / [refer] / [identify] turns about one sheet), the facts in the slot are read but not
     predicted, a lower peak learning rate, documents of its own."""
     return LanguageSettings(steps=3000, lr=1e-3, kinds=(2, 1, 3, 2, 4), fact_loss=False, stream="pretrain/lm-reading")

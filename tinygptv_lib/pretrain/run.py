@@ -174,13 +174,13 @@ def _previous_run(out: Path, seed: int, settings: PretrainSettings, kept_parts: 
     if config.get("seed") != seed:
         raise ValueError(f"{out / CONFIG_FILE}: seed {config.get('seed')} was used for the kept files, not {seed}")
     now = json.loads(json.dumps(dataclasses.asdict(settings)))  # tuples as JSON lists, as written
+    defaults = json.loads(json.dumps(dataclasses.asdict(PretrainSettings())))
     for name in kept_parts:
         if name == "reading" and "reading" not in _phi_phases(config):
             continue  # the kept Phi never had a reading phase: nothing of it to match
         written = config.get("pretraining", {}).get(name)
         # a field added after the folder was written counts at its default (the recipe it was made with)
-        default = json.loads(json.dumps(dataclasses.asdict(getattr(PretrainSettings(), name))))
-        if written is None or {**default, **written} != now[name]:
+        if written is None or {**defaults[name], **written} != now[name]:
             raise ValueError(f"{out / CONFIG_FILE}: pretraining.{name} differs from the settings of this run; "
                              f"the kept files were made with {written}")
     return {"config": config, "quality": quality}

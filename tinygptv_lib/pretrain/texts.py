@@ -106,10 +106,7 @@ def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8,
     facts = scene_sheet(scene) if rng.random() < context_share else ""
     kind = rng.choices(KINDS, weights=weights)[0]
     if kind == "drill":  # stage 4, lookups only: many short [vqa] / [refer] / [identify] turns about one sheet
-        picked = _drill_turns(scene, rng, rng.randint(6, 10))
-        (instruction, answer), later = picked[0], picked[1:]
-        return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer,
-                             [(STAGE4.format(i), a) for i, a in later])
+        return _task_conversation(_drill_turns(scene, rng, rng.randint(6, 10)), facts)
     if kind == "caption":  # stages 1-2: [BOS][image][caption\n]
         return _fill("<ImageHere>", facts) + [W.short_caption(scene) + "\n"]
     if kind == "detail":  # stage 3
@@ -117,15 +114,19 @@ def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8,
         return _conversation(prompt, facts, W.detailed_description(scene), [])
     if kind == "task":  # stage 4: several tasks with their identifiers, one conversation (MiniGPT-v2's multi-task chats)
         tasks = W.task_samples(scene) + _extra_tasks(scene, rng)
-        picked = rng.sample(tasks, min(len(tasks), rng.randint(3, 6)))
-        (instruction, answer), later = picked[0], picked[1:]
-        return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer,
-                             [(STAGE4.format(i), a) for i, a in later])
+        return _task_conversation(rng.sample(tasks, min(len(tasks), rng.randint(3, 6))), facts)
     chat = W.conversation(scene)  # stage 4, LLaVA-style multi-turn
     pairs = [(chat[k]["value"].replace("<image>\n", ""), chat[k + 1]["value"]) for k in range(0, len(chat) - 1, 2)]
     first = STAGE4.format(f"{IMAGE} {pairs[0][0]}")
     later = [(STAGE4.format(q), a) for q, a in pairs[1:]]
     return _conversation(first, facts, pairs[0][1], later)
+
+
+def _task_conversation(turns: list[tuple[str, str]], facts: str) -> list[Piece]:
+    """(instruction, answer) turns as one stage-4 conversation, the image (facts) in the first."""
+    (instruction, answer), later = turns[0], turns[1:]
+    return _conversation(STAGE4.format(f"{IMAGE} {instruction}"), facts, answer,
+                         [(STAGE4.format(i), a) for i, a in later])
 
 
 # How often a drill asks each kind of question (then any question of that kind in the scene): the
