@@ -494,3 +494,118 @@ def test_decode_head_keeps_its_transposed_copy_until_the_weight_changes():
     third = _DecodeHead(lm_head, 40)
     assert torch.allclose(third(hidden), lm_head(hidden), atol=1e-6)
     assert third._transposed is not first._transposed
+
+
+def test_decode_head_splits_one_row_into_chunks_with_several_threads():
+    from tinygptv_lib.infer.generate import _DecodeHead
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 320)  # 320 rows: 8 chunks of 40
+    hidden = torch.randn(1, 16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        head = _DecodeHead(lm_head, vocab=300)
+        got = head(hidden)
+    finally:
+        torch.set_num_threads(old)
+    assert head._transposed is None  # the chunked product needs no transposed copy
+    assert torch.allclose(got[:, :300], lm_head(hidden)[:, :300], atol=1e-6)
+    assert torch.isneginf(got[:, 300:]).all()
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    """The nano stage-4 model with LoRA B away from its zero start, so merged LoRA changes the result."""
+    torch.manual_seed(1)
+    m = _stage_model("nano", 4)
+    m.add_lora()
+    m.eval()
+    assert any("lora_B" in n for n, _ in m.phi.named_parameters())
+    with torch.no_grad():
+        for name, p in m.phi.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return m
+
+
+def _module_path(monkeypatch):
+    from tinygptv_lib.infer import lean_step
+
+    monkeypatch.setattr(lean_step, "start", lambda *a, **k: None)
+
+
+def test_lean_step_gives_the_modules_tokens_and_hidden_states(lora_model, tok, scenes, monkeypatch):
+    from tinygptv_lib.infer import lean_step
+    from tinygptv_lib.model.sequence import build_prompt_batch
+
+    m = lora_model
+    prompts = [build_prompt("Describe this image in detail.", "stage3"),
+               build_prompt("What colour is the star?", "stage4", "vqa"),
+               build_prompt("the red circle", "stage4", "refer")]
+    px = pixels(m, [s.image for s in scenes])
+    steps = []
+    real_step = lean_step.LeanDecoder.step
+    monkeypatch.setattr(lean_step.LeanDecoder, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    lean = generate(m, tok, prompts, pixels=px, max_new_tokens=12, stop=(), eos_id=None)
+    assert len(steps) == 11  # the lean step ran every token after the first (the padded batch included)
+    full = generate(m, tok, prompts, pixels=px, max_new_tokens=12, stop=(), eos_id=None, use_cache=False)
+    with monkeypatch.context() as mp:
+        _module_path(mp)
+        modules = generate(m, tok, prompts, pixels=px, max_new_tokens=12, stop=(), eos_id=None)
+    assert lean.tokens == modules.tokens == full.tokens
+
+    # the hidden state itself, one step on from a padded prompt, against the modules' cached step
+    with torch.no_grad():
+        batch = build_prompt_batch(tok, prompts, num_query_tokens=m.cfg.qformer.num_query_tokens)
+        embeds = m.embed(batch, pixels=px)
+        mask = batch.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = m.phi.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        ids = torch.tensor([464, 2266, 257])
+        step = lean_step.start(m.phi, out.cache, mask, 1).step(ids, positions[:, -1] + 1)
+        mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        ref = m.phi.model(input_ids=ids[:, None], attention_mask=mask2, position_ids=positions[:, -1:] + 1,
+                          cache=out.cache, use_cache=True).last_hidden_state[:, -1]
+    assert torch.allclose(step, ref, atol=1e-5), (step - ref).abs().max()
+
+
+def test_lean_step_follows_a_changed_weight_and_steps_aside_where_it_is_not_exact(lora_model, tok, scenes,
+                                                                                  monkeypatch):
+    from tinygptv_lib.infer import lean_step
+
+    m = lora_model
+    prompt = build_prompt("What shape is the red one?", "stage4", "vqa")
+    px = pixels(m, [scenes[0].image])
+    before = generate(m, tok, prompt, pixels=px, max_new_tokens=10, stop=(), eos_id=None)  # merges and keeps
+    lora_b = [p for n, p in m.phi.named_parameters() if "lora_B" in n]
+    old = [p.detach().clone() for p in lora_b]
+    try:
+        with torch.no_grad():  # an optimiser step changes them in place: the kept merge must not be used
+            for p in lora_b:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+        lean = generate(m, tok, prompt, pixels=px, max_new_tokens=10, stop=(), eos_id=None)
+        with monkeypatch.context() as mp:
+            _module_path(mp)
+            modules = generate(m, tok, prompt, pixels=px, max_new_tokens=10, stop=(), eos_id=None)
+        assert modules.tokens != before.tokens  # the change matters to the answer
+        assert lean.tokens == modules.tokens
+    finally:
+        with torch.no_grad():
+            for p, o in zip(lora_b, old):
+                p.copy_(o)
+
+    kv = torch.zeros(1, 4, 5, 40)  # (rows, heads, positions, head dim) of the nano Phi
+    batch_cache = SimpleNamespace(layers=[SimpleNamespace(keys=kv, values=kv)] * 4)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    assert lean_step.start(m.phi, batch_cache, mask, 3) is not None
+    assert lean_step.start(m.phi, SimpleNamespace(), mask, 3) is None  # a cache without per-layer tensors
+    assert lean_step.start(m.phi, batch_cache, torch.ones(1, 6), 3) is None  # not the prompt's cache
+    assert lean_step.start(_ScriptedPhi([[1]]), batch_cache, mask, 3) is None  # not our Phi
+    m.phi.train()
+    try:
+        assert lean_step.start(m.phi, batch_cache, mask, 3) is None  # dropout would be on
+    finally:
+        m.phi.eval()
+    half = _stage_model("nano", 4).eval().to(torch.bfloat16)
+    assert lean_step.start(half.phi, batch_cache, mask, 3) is None  # bf16: the modules' rounding, not ours
