@@ -563,7 +563,10 @@ def test_lean_step_gives_the_modules_tokens_and_hidden_states(lora_model, tok, s
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = m.phi.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
         ids = torch.tensor([464, 2266, 257])
-        step = lean_step.start(m.phi, out.cache, mask, 1).step(ids, positions[:, -1] + 1)
+        lean = lean_step.start(m.phi, out.cache, mask, 1)
+        step = lean.step(ids, positions[:, -1] + 1)
+        with pytest.raises(ValueError, match="buffers hold"):  # one new position asked for, one used
+            lean.step(ids, positions[:, -1] + 2)
         mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         ref = m.phi.model(input_ids=ids[:, None], attention_mask=mask2, position_ids=positions[:, -1:] + 1,
                           cache=out.cache, use_cache=True).last_hidden_state[:, -1]

@@ -11,17 +11,18 @@ same thing, layer by layer, in the same order:
     x       = attn + fc2(GELU(fc1(x_norm))) + x
 
 with changes that leave the values equal up to float rounding:
-- LoRA merged: W + s * B A is formed once per call (B A is rank r), instead of two extra products,
-  a scale and an add per layer and token. The parameters are not touched.
+- LoRA merged: W + s * B A is formed once (B A is rank r) and kept while no parameter changes,
+  instead of two extra products, a scale and an add per layer and token. The parameters are not
+  touched.
 - Keys and values go into buffers sized for the whole answer, filled in place, instead of a cache
   that concatenates a new tensor every step.
 - Rotary on q and k at once, and one-row products as `bmm` over slices of the weight (`_linear`).
 
 Measured at the benchmarks' nano size (2-core VM, 2 threads, one row, 64 new tokens), a whole
 cached step with the vocabulary head: 6.7 ms through the modules, 3.4 ms with this step (and the
-head in slices, `generate._DecodeHead`); see docs/PERFORMANCE.md. `generate` uses it only where it is exact to
-rounding and known to be faster: fp32 on a CPU, Phi built by `model/phi.py`, plain LoRA (or none).
-Everything else (GPUs, half precision, other adapters) runs the modules, as before.
+head in slices, `generate._DecodeHead`); see docs/PERFORMANCE.md. `generate` uses it only where it
+is exact to rounding and known to be faster: fp32 on a CPU, Phi built by `model/phi.py`, plain LoRA
+(or none). Everything else (GPUs, half precision, other adapters) runs the modules, as before.
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ class LeanDecoder:
         self.scaling = first.scaling
         rows, prompt = mask.shape
         self.length = prompt
-        total = prompt + max_new
+        self.total = total = prompt + max_new
         self.keys, self.values = [], []
         for i in range(len(body.layers)):
             k, v = cache.layers[i].keys, cache.layers[i].values
@@ -155,6 +156,9 @@ class LeanDecoder:
     def step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """ids (rows,) at positions (rows,) -> the final-norm hidden state (rows, width)."""
         t = self.length
+        if t >= self.total:
+            raise ValueError(f"the buffers hold {self.total} positions (prompt + max_new), all used; "
+                             "start a new decoder for a longer answer")
         rows = ids.shape[0]
         x = self.embed(ids)  # (rows, width)
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]  # (rows, 1, 1, rotary)
