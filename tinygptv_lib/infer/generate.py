@@ -13,7 +13,6 @@ original passes the prompt as embeddings, so transformers never sees its ids.
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -167,24 +166,14 @@ def _as_prompts(prompts) -> list[str]:
     return prompts
 
 
-_TRANSPOSED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, what it was, its transposed copy)
-
-
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
     """weight.t().contiguous(), kept between calls while the weight is unchanged (a 52 MB copy costs
     tens of milliseconds, the time to first token itself). Any in-place update, such as an optimiser
     step or loading a state dict, bumps the tensor's version and makes a new copy; the copy goes
     when the weight does."""
     base = weight._base if weight._base is not None else weight
-    key = (weight.data_ptr(), tuple(weight.shape), weight._version)
-    kept = _TRANSPOSED.get(id(base))
-    if kept is not None and kept[0]() is base and kept[1] == key:
-        return kept[2]
-    if kept is None or kept[0]() is not base:
-        weakref.finalize(base, _TRANSPOSED.pop, id(base), None)
-    copy = weight.t().contiguous()
-    _TRANSPOSED[id(base)] = (weakref.ref(base), key, copy)
-    return copy
+    return lean_step.kept(base, (weight.data_ptr(), tuple(weight.shape), weight._version),
+                          lambda: weight.t().contiguous())
 
 
 class _DecodeHead:
@@ -219,9 +208,7 @@ class _DecodeHead:
             weight, bias = self.lm_head.weight, self.lm_head.bias
             hidden = hidden.to(weight.dtype)
             if hidden.shape[0] == 1 and torch.get_num_threads() > 1 and weight.shape[0] % self.CHUNKS == 0:
-                rows, width = weight.shape
-                logits = torch.bmm(weight.view(self.CHUNKS, rows // self.CHUNKS, width),
-                                   hidden.t().expand(self.CHUNKS, width, 1)).view(1, rows)
+                logits = lean_step.sliced_matvec(weight, hidden, self.CHUNKS)
             elif hidden.shape[0] == 1:
                 if self._transposed is None:
                     self._transposed = _transposed(weight)

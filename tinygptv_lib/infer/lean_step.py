@@ -34,7 +34,20 @@ import torch.nn.functional as F
 
 from ..model.phi import TinyGPTVPhiDecoderLayer
 
-_PREPARED: dict[int, tuple] = {}  # id(layer) -> (weakref to it, its parameters' versions, prepared weights)
+_KEPT: dict[int, tuple] = {}  # id(owner) -> (weakref to it, the key it was built for, what was built)
+
+
+def kept(owner, key, build):
+    """`build()`, kept between calls while `key` (e.g. its tensors' versions) is unchanged; a new one
+    after any in-place update, which bumps a tensor's version; dropped when `owner` goes."""
+    entry = _KEPT.get(id(owner))
+    if entry is not None and entry[0]() is owner and entry[1] == key:
+        return entry[2]
+    if entry is None or entry[0]() is not owner:
+        weakref.finalize(owner, _KEPT.pop, id(owner), None)
+    value = build()
+    _KEPT[id(owner)] = (weakref.ref(owner), key, value)
+    return value
 
 
 def _effective(linear: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -58,22 +71,23 @@ def _effective(linear: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optional
 
 
 def _prepare(layer: TinyGPTVPhiDecoderLayer) -> Optional[dict]:
-    """The layer's weights as the step uses them (LoRA merged), kept while no parameter changes."""
-    params = list(layer.parameters())
-    key = tuple((p.data_ptr(), p._version) for p in params)
-    kept = _PREPARED.get(id(layer))
-    if kept is not None and kept[0]() is layer and kept[1] == key:
-        return kept[2]
-    attn = layer.self_attn
-    qkv, dense = _effective(attn.query_key_value), _effective(attn.dense)
-    fc1, fc2 = _effective(layer.mlp.fc1), _effective(layer.mlp.fc2)
-    if None in (qkv, dense, fc1, fc2):
-        return None
-    prepared = {"qkv": qkv, "dense": dense, "fc1": fc1, "fc2": fc2}
-    if kept is None or kept[0]() is not layer:
-        weakref.finalize(layer, _PREPARED.pop, id(layer), None)
-    _PREPARED[id(layer)] = (weakref.ref(layer), key, prepared)
-    return prepared
+    """The layer's weights as the step uses them (LoRA merged), kept while no parameter changes;
+    None when a layer holds something the step does not reproduce."""
+    def build() -> Optional[dict]:
+        attn = layer.self_attn
+        weights = {"qkv": _effective(attn.query_key_value), "dense": _effective(attn.dense),
+                   "fc1": _effective(layer.mlp.fc1), "fc2": _effective(layer.mlp.fc2)}
+        return None if None in weights.values() else weights
+
+    return kept(layer, tuple((p.data_ptr(), p._version) for p in layer.parameters()), build)
+
+
+def sliced_matvec(weight: torch.Tensor, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """x (1, in) @ weight^T -> (1, out), as a batch of `chunks` matrix-vector products over slices of
+    the weight's rows (`bmm`; out must divide by chunks). On a CPU this reads a weight that is out of
+    the caches faster than `linear`'s one-row kernel (figures at `_linear` and `_DecodeHead`)."""
+    out, inp = weight.shape
+    return torch.bmm(weight.view(chunks, out // chunks, inp), x.t().expand(chunks, inp, 1)).view(1, out)
 
 
 CHUNKS = 4
@@ -88,8 +102,7 @@ def _linear(x: torch.Tensor, wb: tuple) -> torch.Tensor:
     weight, bias = wb
     if x.shape[0] != 1 or weight.shape[0] % CHUNKS:
         return F.linear(x, weight, bias)
-    out, inp = weight.shape
-    y = torch.bmm(weight.view(CHUNKS, out // CHUNKS, inp), x.t().expand(CHUNKS, inp, 1)).view(1, out)
+    y = sliced_matvec(weight, x, CHUNKS)
     return y + bias if bias is not None else y
 
 
@@ -148,7 +161,7 @@ class LeanDecoder:
             self.mask = torch.ones(rows, 1, 1, total, dtype=torch.bool)
             self.mask[:, 0, 0, :prompt] = mask.bool()
         positions = torch.arange(total, device=mask.device)[None]
-        probe = k.new_zeros(1, total, self.heads * self.head_dim)
+        probe = self.keys[0].new_zeros(1, total, self.heads * self.head_dim)
         cos, sin = body.rotary_emb(probe, positions)  # (1, total, rotary dims): the table, once
         self.cos, self.sin = cos[0], sin[0]
 
