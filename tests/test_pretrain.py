@@ -20,8 +20,9 @@ from tinygptv_lib.pretrain import PretrainSettings, load_heads, pretrain
 from tinygptv_lib.pretrain import evaluate as E
 from tinygptv_lib.pretrain import texts as T
 from tinygptv_lib.pretrain.cli import register
-from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseSettings, box_mask, centre_patch, make_view, train_dense,
-                                               view_labels)
+from tinygptv_lib.pretrain import heads as H
+from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseHeads, DenseSettings, box_mask, centre_patch, dense_loss,
+                                               make_view, train_dense, view_labels)
 from tinygptv_lib.pretrain.language_stage import (LanguageSettings, document, heldout_documents, reading_settings,
                                                   train_language)
 from tinygptv_lib.pretrain.vision_stage import (VisionSettings, build_vocab, heldout_scenes, scene_pixels,
@@ -267,6 +268,63 @@ def test_dense_crops_are_native_resolution_and_move_the_labels_with_them():
     mask = box_mask(view.boxes[0], 8)
     assert mask.any() and centre_patch(view.centres[0], 8) is not None
     assert bool(mask[centre_patch(view.centres[0], 8)])
+
+
+def test_dense_box_loss_asks_every_patch_of_an_object_for_that_objects_box():
+    # the star (drawn first) lies partly under the square: shared patches belong to the square
+    scene = _scene_with([("star", "red", "large", (0, 0, 84, 84)), ("square", "blue", "large", (56, 56, 140, 140))])
+    grid = 8  # 28 px of the 224 px scene a patch
+    view = make_view(scene, 112, None)
+    owner = H.patch_owner(view.boxes, grid)
+    assert owner[0] == 0 and owner[2 * grid + 2] == 1 and owner[grid * grid - 1] == -1  # star, square (on top), none
+    assert (owner == 0).sum() == 9 - 1 and (owner == 1).sum() == 9  # 3 x 3 patches each, one shared
+    heads = DenseHeads(width=6, box=True)
+    tokens = torch.randn(1, grid * grid, 6)
+    with torch.no_grad():  # a head that answers the square's box everywhere
+        heads.box.weight.zero_()
+        heads.box.bias.copy_(torch.logit(view.boxes[1]))
+    star_error = (view.boxes[0] - view.boxes[1]).abs().mean()
+    expected = star_error * 8 / 17  # 8 star patches wrong, 9 square patches right
+    assert torch.allclose(dense_loss(heads, tokens, [view], grid)["box"], expected, atol=1e-5)
+
+
+def test_the_box_loss_and_query_places_are_switched_by_the_settings():
+    cfg, s = _tiny_config(), DenseSettings(steps=3, batch=4, warmup=1)
+    torch.manual_seed(0)
+    plain, plain_history = train_dense(cfg, s, seed=2)
+    torch.manual_seed(0)
+    boxed, boxed_history = train_dense(cfg, dataclasses.replace(s, box_weight=5.0), seed=2)
+    assert "box" not in plain_history[0] and boxed_history[0]["box"] > 0
+    assert plain_history[0]["patch"] == boxed_history[0]["patch"]  # same start, then the box loss moves the ViT
+    assert not torch.equal(plain.encoder.patch_embed.proj.weight, boxed.encoder.patch_embed.proj.weight)
+    tok = load_tokenizer()
+    vocab = build_vocab(tok, n_scenes=20)
+    placed = dataclasses.replace(_tiny_settings().vision, slot_anchors=True)
+    from tinygptv_lib.pretrain.vision_stage import VisionPretrainer
+    assert VisionPretrainer(cfg, len(vocab), _tiny_settings().vision).anchors is None
+    assert torch.equal(VisionPretrainer(cfg, len(vocab), placed).anchors, H.anchor_points(32))
+
+
+def test_slot_queries_take_the_object_nearest_their_place_whatever_they_predict():
+    anchors = H.anchor_points(32)  # a 6 x 6 grid less its corners, row by row
+    cells = [(x, y) for y in range(6) for x in range(6) if not (x in (0, 5) and y in (0, 5))]
+    assert anchors.shape == (32, 2) and torch.allclose(anchors, (torch.tensor(cells) + 0.5) / 6)
+    assert len({tuple(a) for a in H.anchor_points(5).tolist()}) == 5
+    target = {"colour": torch.tensor([2, 1]), "shape": torch.tensor([0, 3]), "size": torch.tensor([1, 0]),
+              "box": torch.tensor([[0.30, 0.30, 0.45, 0.45], [0.75, 0.70, 0.95, 0.90]])}  # centres near cells (2, 2), (5, 4)
+    for seed in range(2):  # two sets of predictions: the same queries answer for the objects
+        torch.manual_seed(seed)
+        pred = {"object": torch.randn(1, 32), "colour": torch.randn(1, 32, 4), "shape": torch.randn(1, 32, 6),
+                "size": torch.randn(1, 32, 3), "box": torch.rand(1, 32, 4)}
+        for v in pred.values():
+            v.requires_grad_(True)
+        H.slot_loss(pred, [target], anchors=anchors).backward()
+        asked = pred["colour"].grad[0].abs().sum(-1).nonzero().flatten().tolist()
+        assert asked == [cells.index((2, 2)), cells.index((5, 4))]
+        assert (pred["object"].grad[0, asked] < 0).all()  # these two must say "object"
+        assert (pred["object"].grad[0].sum() - pred["object"].grad[0, asked].sum()) > 0  # the rest "none"
+    free = H.slot_loss(pred, [target])  # matching on the predictions picks other queries
+    assert free.item() != H.slot_loss(pred, [target], anchors=anchors).item()
 
 
 def test_dense_phase_is_deterministic_and_hands_its_vit_to_the_blip2_phase():

@@ -12,6 +12,9 @@ already trained it; we have no such ViT). Four losses, summed:
 - slots (not in BLIP-2; DETR's set prediction): a *linear* head must read one object per query -
   colour, shape, size, box - and say which queries hold none. Later stages read the frozen queries
   through a linear projection, so what a linear head can read off them is what Phi will get.
+  Objects go to queries by DETR's matching on the predictions; `slot_anchors` ties each query to a
+  fixed place instead (measured with the dense phase's box loss: far better queries, a worse
+  course; the backbones' README, "Known limits").
 - patches (not in BLIP-2; a stand-in for the years of pretraining behind EVA's ViT): a linear head
   names the colour and shape of the object under every patch token of the ViT. Dense labels
   reach the ViT directly instead of through the Q-Former, which speeds up a from-scratch ViT
@@ -61,6 +64,7 @@ class VisionSettings:
     caption_weight: float = 1.0
     sheet_share: float = 0.5  # captions that are scene sheets (the rest: detailed descriptions)
     slot_weight: float = 1.0
+    slot_anchors: bool = False  # True: objects go to queries by fixed places (`heads.anchor_points`)
     patch_weight: float = 1.0
     render_size: int = 224  # the course's scenes are drawn at 224 px, then resized to the model's size
     grad_clip: float = 1.0
@@ -103,6 +107,7 @@ class VisionPretrainer(nn.Module):
         self.caption_weight = s.caption_weight
         self.slot_weight = s.slot_weight
         self.patch_weight = s.patch_weight
+        self.anchors = H.anchor_points(cfg.qformer.num_query_tokens) if s.slot_anchors else None
 
     def queries(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.qformer(self.vision(pixels))
@@ -114,7 +119,7 @@ class VisionPretrainer(nn.Module):
         losses = {"itc": H.itc_loss(self.contrastive.logits(q, itc_ids)),
                   "itg": H.caption_loss(self.decoder(q, cap_ids), cap_ids)}
         if self.slot_weight:
-            losses["slots"] = H.slot_loss(self.slots(q), objects)
+            losses["slots"] = H.slot_loss(self.slots(q), objects, anchors=self.anchors)
         if self.patch_weight:
             losses["patches"] = H.patch_loss(self.patches, feats[:, 1:], patch_colour, patch_shape)
         weights = {"itc": 1.0, "itg": self.caption_weight, "slots": self.slot_weight, "patches": self.patch_weight}
