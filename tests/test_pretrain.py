@@ -19,7 +19,7 @@ from tinygptv_lib.model.tinygptv import build_model
 from tinygptv_lib.pretrain import PretrainSettings, load_heads, pretrain
 from tinygptv_lib.pretrain import evaluate as E
 from tinygptv_lib.pretrain import texts as T
-from tinygptv_lib.pretrain.cli import register
+from tinygptv_lib.pretrain.cli import register, settings_from
 from tinygptv_lib.pretrain import heads as H
 from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseHeads, DenseSettings, box_mask, centre_patch, dense_loss,
                                                make_view, train_dense, view_labels)
@@ -221,6 +221,10 @@ def test_register_adds_a_pretrain_subcommand():
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["pretrain", "--out", "somewhere", "--seed", "3"])
     assert args.command == "pretrain" and args.out == "somewhere" and args.seed == 3 and callable(args.func)
+    assert settings_from(args) == PretrainSettings()  # no flags: the shipped recipe
+    flags = ["pretrain", "--part", "vision", "--dense-box-weight", "5", "--slot-anchors"]
+    tried = settings_from(parser.parse_args(flags))
+    assert tried.dense.box_weight == 5.0 and tried.vision.slot_anchors and tried.language == PretrainSettings().language
 
 
 def test_loading_into_a_model_of_other_numbers_fails_clearly():

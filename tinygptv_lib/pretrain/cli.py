@@ -20,12 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--language-steps", type=int, default=None, help="override the steps of Phi's first phase")
     p.add_argument("--reading-steps", type=int, default=None,
                    help="override the steps of Phi's second phase, the reading drills (0 skips it)")
+    p.add_argument("--dense-box-weight", type=float, default=None,
+                   help="weight of the dense phase's per-patch box loss (default 0: off, as shipped; tried at 5)")
+    p.add_argument("--slot-anchors", action="store_true",
+                   help="tie each query to a fixed place in the slot loss instead of matching on the predictions")
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from .run import PretrainSettings, pretrain
+def settings_from(args: argparse.Namespace):
+    """The default PretrainSettings with the command line's overrides."""
+    from .run import PretrainSettings
 
     settings = PretrainSettings()
     if args.dense_steps is not None:
@@ -36,7 +41,16 @@ def run(args: argparse.Namespace) -> int:
         settings.language.steps = args.language_steps
     if args.reading_steps is not None:
         settings.reading.steps = args.reading_steps
-    quality = pretrain(args.out, seed=args.seed, settings=settings, threads=args.threads, part=args.part)
+    if args.dense_box_weight is not None:
+        settings.dense.box_weight = args.dense_box_weight
+    settings.vision.slot_anchors = args.slot_anchors
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from .run import pretrain
+
+    quality = pretrain(args.out, seed=args.seed, settings=settings_from(args), threads=args.threads, part=args.part)
     r, p = quality["retrieval"], quality["perplexity"]
     print(f"image -> text retrieval top-1: {r['image_to_text_top1']:.3f} among {r['n']} held-out captions "
           f"(chance {r['chance']:.3f}); text -> image: {r['text_to_image_top1']:.3f}")
