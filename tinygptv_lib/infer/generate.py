@@ -283,11 +283,12 @@ def _decode(model, tokenizer, prompts: list[str], *, pixels, queries, image_embe
             if all(done) or step == max_new_tokens - 1:
                 break
             history = nxt[:, None] if history is None else torch.cat([history, nxt[:, None]], dim=1)
+            if lean is not None:  # the same arithmetic as the modules' cached step, in fewer operations;
+                positions = positions[:, -1:] + 1  # its buffers hold the mask, so only the new position
+                hidden = lean.step(nxt, positions[:, 0])
+                continue
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-            if lean is not None:  # the same arithmetic as the modules' cached step, in fewer operations
-                hidden = lean.step(nxt, positions[:, -1])
-                continue
             if use_cache:
                 out = body(input_ids=nxt[:, None], attention_mask=mask if padded else None,
                            position_ids=positions[:, -1:], cache=cache, use_cache=True)
