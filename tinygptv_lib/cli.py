@@ -134,10 +134,20 @@ def _dry_run(cfg) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _cmd_course(args) -> int:
     from .course import run_course
 
-    run_course(args.preset, args.out, seed=args.seed, quick=args.quick)
+    run_course(args.preset, args.out, seed=args.seed, quick=args.quick, eval_scenes=args.eval_scenes)
     return 0
 
 
@@ -178,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", default="runs/course")
     pc.add_argument("--seed", type=int, default=0)
     pc.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    pc.add_argument("--eval-scenes", type=_positive_int, default=200,
+                    help="held-out scenes asked after each stage (one question of each kind a scene; default 200)")
     pc.set_defaults(func=_cmd_course)
 
     from .data.check import register as register_data

@@ -1,0 +1,39 @@
+"""The course's report: how many held-out scenes a stage's scores rest on, and how precise they are."""
+import pytest
+
+from tinygptv_lib.cli import build_parser
+from tinygptv_lib.course import EVAL_SCENES, ensure_stage, interval95, report_table
+
+
+def _report(scenes):
+    stage = {"role": "warm-up", "steps": 10, "first_loss": 2.0, "final_loss": 1.0, "train_seconds": 3.0,
+             "eval_seconds": 1.0, "colour": 0.5, "count": 0.25, "refer_iou50": 0.0, "shape": 0.75}
+    if scenes is not None:
+        stage["eval_scenes"] = scenes
+    return {"stages": {"1": stage, "2": dict(stage)}, "chance": {"colour": 0.125}, "total_seconds": 9}
+
+
+def test_interval_is_the_normal_approximation_at_one_half():
+    assert interval95(200) == pytest.approx(1.96 * 0.5 / 200 ** 0.5)
+    assert interval95(60) == pytest.approx(0.1265, abs=1e-4) and interval95(EVAL_SCENES) < 0.07
+
+
+def test_report_names_the_scene_count_and_keeps_it_out_of_the_metric_columns():
+    table = report_table(_report(200))
+    head = table.splitlines()[0]
+    assert head == "| stage | what it adds | steps | loss first -> last | colour | count | refer_iou50 | shape | train s |"
+    assert "held-out: 200 scenes a stage" in table and "about +-0.07" in table
+    assert "held-out:" not in report_table(_report(None))  # reports written before the count was recorded
+
+
+def test_bad_scene_counts_are_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="eval_scenes must be at least 1, got 0"):
+        ensure_stage(1, tmp_path, eval_scenes=0)
+    assert not any(tmp_path.iterdir())  # refused before any data or training
+    parser = build_parser()
+    assert parser.parse_args(["course"]).eval_scenes == EVAL_SCENES
+    assert parser.parse_args(["course", "--eval-scenes", "50"]).eval_scenes == 50
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["course", "--eval-scenes", bad])
+        assert f"expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
