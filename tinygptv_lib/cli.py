@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--seed", type=int, default=0)
     pc.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     pc.add_argument("--eval-scenes", type=_positive_int, default=200,
-                    help="held-out scenes asked after each stage (one question of each kind a scene; default 200)")
+                    help="held-out scenes asked after each stage (one question of each kind a scene; default 200); "
+                         "a stage already finished in OUT keeps the scores it was evaluated with")
     pc.set_defaults(func=_cmd_course)
 
     from .data.check import register as register_data
