@@ -19,7 +19,7 @@ from tinygptv_lib.model.tinygptv import build_model
 from tinygptv_lib.pretrain import PretrainSettings, load_heads, pretrain
 from tinygptv_lib.pretrain import evaluate as E
 from tinygptv_lib.pretrain import texts as T
-from tinygptv_lib.pretrain.cli import register, settings_from
+from tinygptv_lib.pretrain.cli import recipe_flags, register, settings_from
 from tinygptv_lib.pretrain import heads as H
 from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseHeads, DenseSettings, box_mask, centre_patch, dense_loss,
                                                make_view, train_dense, view_labels)
@@ -154,14 +154,16 @@ def test_one_part_runs_keep_the_other_part_and_refuse_a_different_recipe(tmp_pat
                                                      "pretraining_heads.safetensors", "phi-2-nano/model.safetensors")}
     more = _tiny_settings()
     more.language.steps = 6
-    q = pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language")
+    q = pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language", flags="--language-steps 6")
     for name in ("eva_vit_nano.safetensors", "blip2_qformer_nano.safetensors", "pretraining_heads.safetensors"):
         assert (tmp_path / name).read_bytes() == files[name], name
     assert (tmp_path / "phi-2-nano/model.safetensors").read_bytes() != files["phi-2-nano/model.safetensors"]
     assert q["part"] == "language" and q["steps"]["language"] == 6 and "vision_first" in q["training_loss"]
     made_by = json.loads((tmp_path / "config.json").read_text())["made_by"]
-    assert made_by.endswith("--seed 1 && python -m tinygptv_lib.pretrain --out " + str(tmp_path) + " --seed 1 --part language")
-    pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language")  # again: replaces, not appends
+    assert made_by.endswith("--seed 1 && python -m tinygptv_lib.pretrain --out " + str(tmp_path)
+                            + " --seed 1 --language-steps 6 --part language")  # the options that made it, then the part
+    pretrain(tmp_path, seed=1, cfg=cfg, settings=more, progress=False, part="language",
+             flags="--language-steps 6")  # again: replaces, not appends
     assert json.loads((tmp_path / "config.json").read_text())["made_by"] == made_by
     other = _tiny_settings()
     other.vision.lr = 1e-2  # the kept ViT + Q-Former were not made with this
@@ -225,6 +227,10 @@ def test_register_adds_a_pretrain_subcommand():
     flags = ["pretrain", "--part", "vision", "--dense-box-weight", "5", "--slot-anchors"]
     tried = settings_from(parser.parse_args(flags))
     assert tried.dense.box_weight == 5.0 and tried.vision.slot_anchors and tried.language == PretrainSettings().language
+    assert recipe_flags(args) == ""  # the shipped recipe: made_by names no options
+    assert recipe_flags(parser.parse_args(flags)) == "--dense-box-weight 5 --slot-anchors"
+    more = parser.parse_args(["pretrain", "--threads", "1", "--reading-steps", "0", "--dense-box-weight", "2.5"])
+    assert recipe_flags(more) == "--threads 1 --reading-steps 0 --dense-box-weight 2.5"
 
 
 def test_loading_into_a_model_of_other_numbers_fails_clearly():

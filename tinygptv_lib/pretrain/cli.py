@@ -47,10 +47,25 @@ def settings_from(args: argparse.Namespace):
     return settings
 
 
+def recipe_flags(args: argparse.Namespace) -> str:
+    """The command line's options that change what is trained (for `made_by`), in a fixed order:
+    the shipped recipe gives ''."""
+    flags = []
+    for name in ("threads", "dense_steps", "vision_steps", "language_steps", "reading_steps", "dense_box_weight"):
+        value = getattr(args, name)
+        if value is not None:
+            flags.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else
+                         f"--{name.replace('_', '-')} {value}")
+    if args.slot_anchors:
+        flags.append("--slot-anchors")
+    return " ".join(flags)
+
+
 def run(args: argparse.Namespace) -> int:
     from .run import pretrain
 
-    quality = pretrain(args.out, seed=args.seed, settings=settings_from(args), threads=args.threads, part=args.part)
+    quality = pretrain(args.out, seed=args.seed, settings=settings_from(args), threads=args.threads, part=args.part,
+                       flags=recipe_flags(args))
     r, p = quality["retrieval"], quality["perplexity"]
     print(f"image -> text retrieval top-1: {r['image_to_text_top1']:.3f} among {r['n']} held-out captions "
           f"(chance {r['chance']:.3f}); text -> image: {r['text_to_image_top1']:.3f}")

@@ -63,12 +63,14 @@ TRAINS = {"all": ("dense", "vision", "language", "reading"), "vision": ("dense",
 
 def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
              settings: PretrainSettings | None = None, threads: int | None = None, progress: bool = True,
-             part: str = "all") -> dict:
+             part: str = "all", flags: str = "") -> dict:
     """Pretrain, write every file under `out`, and return the quality measured from those files.
 
     part: "all" trains both towers; "vision" (ViT + Q-Former) or "language" (Phi, both its phases)
     retrains one and keeps the other as already written in `out` by a run with the same seed and
     settings for it; "reading" runs only Phi's second phase, on from a first-phase Phi in `out`.
+    flags: the command line's recipe options (`cli.recipe_flags`), written into `made_by` so that
+    the chain of commands there remakes the files.
     """
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
@@ -133,7 +135,8 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
     bar.close()
 
     sizes = export.write_backbones(out, cfg, vision_model, phi, vocab)
-    command = f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}" + ("" if part == "all" else f" --part {part}")
+    command = (f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}" + (f" {flags}" if flags else "")
+               + ("" if part == "all" else f" --part {part}"))  # --part last: later runs find what they replace
     replaced = tuple(f"--part {p}" for p in PARTS if set(TRAINS[p]) <= set(trained))
     earlier = [] if before is None else [c for c in before["config"]["made_by"].split(" && ")
                                           if not c.endswith(replaced)]  # what this run replaces goes
