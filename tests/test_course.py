@@ -37,3 +37,24 @@ def test_bad_scene_counts_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["course", "--eval-scenes", bad])
         assert f"expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+
+
+def test_demo_asks_the_scenes_own_questions_with_their_answers():
+    from tinygptv_lib.course import demo_questions
+    from tinygptv_lib.data import world as W
+
+    for i in range(5):
+        scene = W.make_scene(W.derive_seed(0, "eval/demo", i), 224)
+        asked = demo_questions(scene)
+        items = {f"[vqa] {qa.question}": (qa.qtype, qa.answer) for qa in W.vqa_items(scene)}
+        kinds = [items[q][0] for q, _ in asked]
+        assert kinds == [k for k in ("colour", "shape", "count") if k in kinds] and len(set(kinds)) == len(kinds)
+        assert "colour" in kinds and "count" in kinds  # every scene has a background colour and a count
+        assert all(items[q][1] == truth for q, truth in asked)
+    report = _report(200)
+    report["demo"] = {"shapes-world scene 1": {"question": "[vqa] What colour is the square?", "answer": "red",
+                                               "truth": "blue"},
+                      "photo a.jpg": {"question": "[vqa] What colour is the background?", "answer": "grey"}}
+    lines = report_table(report).splitlines()
+    assert "demo (shapes-world scene 1): [vqa] What colour is the square? -> 'red' (truth 'blue')" in lines
+    assert "demo (photo a.jpg): [vqa] What colour is the background? -> 'grey'" in lines

@@ -122,8 +122,20 @@ def run_course(preset: str = "nano", out: str | Path = "runs/course", *, seed: i
     return report
 
 
+def demo_questions(scene) -> list[tuple[str, str]]:
+    """The demo's questions about a shapes-world scene: its first colour, shape and counting question
+    in the world's own order (the kinds the course evaluates), each with the true answer."""
+    from .data import world as W
+
+    picked: dict[str, tuple[str, str]] = {}
+    for qa in W.vqa_items(scene):
+        if qa.qtype in ("colour", "shape", "count") and qa.qtype not in picked:
+            picked[qa.qtype] = (f"[vqa] {qa.question}", qa.answer)
+    return [picked[k] for k in ("colour", "shape", "count") if k in picked]
+
+
 def demo_answer(model, data: Path) -> dict:
-    """One answer about a held-out shapes-world image, and one about a shipped photograph."""
+    """Answers about a held-out shapes-world image (with the truth) and one about a shipped photograph."""
     from .data import world as W
     from .data.images import load_image, preprocess
     from .infer.generate import greedy_generate
@@ -133,17 +145,19 @@ def demo_answer(model, data: Path) -> dict:
     size = model.cfg.vision.img_size
     dtype = next(model.vision.parameters()).dtype
     scene = W.make_scene(W.derive_seed(0, "eval/demo", 0), 224)
+    asks = [("shapes-world scene", W.render(scene), q, truth) for q, truth in demo_questions(scene)]
     photo = Path(__file__).resolve().parents[1] / "data_samples" / "photos" / "coffee.jpg"
-    images = {"shapes-world scene": W.render(scene)}
-    if photo.exists():
-        images[f"photo {photo.name}"] = load_image(photo)
-    question = "[vqa] What colour is the largest shape?"
-    prompt = f"[INST] <Img><ImageHere></Img> {question} [/INST]"
+    if photo.exists():  # a real photograph: nothing like the training pictures
+        asks.append((f"photo {photo.name}", load_image(photo), "[vqa] What colour is the background?", None))
+    pixels = torch.stack([preprocess(img, size) for _, img, _, _ in asks]).to(dtype=dtype)
+    answers = greedy_generate(model, tok, [f"[INST] <Img><ImageHere></Img> {q} [/INST]" for _, _, q, _ in asks],
+                              pixels=pixels)
     out = {}
-    for name, img in images.items():
-        px = preprocess(img, size)[None].to(dtype=dtype)
-        out[name] = {"question": question, "answer": greedy_generate(model, tok, [prompt], pixels=px)[0]}
-    out["shapes-world scene"]["truth"] = W.short_caption(scene)
+    for k, ((name, _, question, truth), answer) in enumerate(zip(asks, answers)):
+        entry = {"question": question, "answer": answer}
+        if truth is not None:
+            entry.update(truth=truth, scene=W.short_caption(scene))
+        out[name if truth is None else f"{name} {k + 1}"] = entry
     return out
 
 
@@ -166,6 +180,7 @@ def report_table(report: dict) -> str:
         lines.append(f"held-out: {' / '.join(map(str, scenes))} scenes a stage, one question of each kind a scene "
                      f"(a score's 95 % interval: about +-{interval95(min(scenes)):.2f})")
     for name, d in report.get("demo", {}).items():
-        lines.append(f"demo ({name}): {d['question']} -> {d['answer']!r}")
+        truth = f" (truth {d['truth']!r})" if "truth" in d else ""
+        lines.append(f"demo ({name}): {d['question']} -> {d['answer']!r}{truth}")
     lines.append(f"total time {report.get('total_seconds', 0):.0f} s")
     return "\n".join(lines) + "\n"
