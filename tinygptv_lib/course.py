@@ -138,6 +138,7 @@ def demo_answer(model, data: Path) -> dict:
     """Answers about a held-out shapes-world image (with the truth) and one about a shipped photograph."""
     from .data import world as W
     from .data.images import load_image, preprocess
+    from .eval.shapes import PROMPT
     from .infer.generate import greedy_generate
     from .tokenizer import load_tokenizer
 
@@ -145,20 +146,16 @@ def demo_answer(model, data: Path) -> dict:
     size = model.cfg.vision.img_size
     dtype = next(model.vision.parameters()).dtype
     scene = W.make_scene(W.derive_seed(0, "eval/demo", 0), 224)
-    asks = [("shapes-world scene", W.render(scene), q, truth) for q, truth in demo_questions(scene)]
+    scene_px, caption = preprocess(W.render(scene), size), W.short_caption(scene)
+    asks = [(f"shapes-world scene {k + 1}", scene_px, q, {"truth": truth, "scene": caption})
+            for k, (q, truth) in enumerate(demo_questions(scene))]
     photo = Path(__file__).resolve().parents[1] / "data_samples" / "photos" / "coffee.jpg"
     if photo.exists():  # a real photograph: nothing like the training pictures
-        asks.append((f"photo {photo.name}", load_image(photo), "[vqa] What colour is the background?", None))
-    pixels = torch.stack([preprocess(img, size) for _, img, _, _ in asks]).to(dtype=dtype)
-    answers = greedy_generate(model, tok, [f"[INST] <Img><ImageHere></Img> {q} [/INST]" for _, _, q, _ in asks],
-                              pixels=pixels)
-    out = {}
-    for k, ((name, _, question, truth), answer) in enumerate(zip(asks, answers)):
-        entry = {"question": question, "answer": answer}
-        if truth is not None:
-            entry.update(truth=truth, scene=W.short_caption(scene))
-        out[name if truth is None else f"{name} {k + 1}"] = entry
-    return out
+        asks.append((f"photo {photo.name}", preprocess(load_image(photo), size), "[vqa] What colour is the background?",
+                     {}))
+    pixels = torch.stack([px for _, px, _, _ in asks]).to(dtype=dtype)
+    answers = greedy_generate(model, tok, [PROMPT.format(q) for _, _, q, _ in asks], pixels=pixels)
+    return {name: {"question": q, "answer": answer, **known} for (name, _, q, known), answer in zip(asks, answers)}
 
 
 def report_table(report: dict) -> str:

@@ -28,21 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+# Command-line options that override one field of the default settings: (option dest, phase, field).
+OVERRIDES = (("dense_steps", "dense", "steps"), ("vision_steps", "vision", "steps"),
+             ("language_steps", "language", "steps"), ("reading_steps", "reading", "steps"),
+             ("dense_box_weight", "dense", "box_weight"))
+
+
 def settings_from(args: argparse.Namespace):
     """The default PretrainSettings with the command line's overrides."""
     from .run import PretrainSettings
 
     settings = PretrainSettings()
-    if args.dense_steps is not None:
-        settings.dense.steps = args.dense_steps
-    if args.vision_steps is not None:
-        settings.vision.steps = args.vision_steps
-    if args.language_steps is not None:
-        settings.language.steps = args.language_steps
-    if args.reading_steps is not None:
-        settings.reading.steps = args.reading_steps
-    if args.dense_box_weight is not None:
-        settings.dense.box_weight = args.dense_box_weight
+    for dest, phase, name in OVERRIDES:
+        if getattr(args, dest) is not None:
+            setattr(getattr(settings, phase), name, getattr(args, dest))
     settings.vision.slot_anchors = args.slot_anchors
     return settings
 
@@ -51,11 +50,11 @@ def recipe_flags(args: argparse.Namespace) -> str:
     """The command line's options that change what is trained (for `made_by`), in a fixed order:
     the shipped recipe gives ''."""
     flags = []
-    for name in ("threads", "dense_steps", "vision_steps", "language_steps", "reading_steps", "dense_box_weight"):
-        value = getattr(args, name)
+    for dest in ("threads", *(d for d, _, _ in OVERRIDES)):
+        value = getattr(args, dest)
         if value is not None:
-            flags.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else
-                         f"--{name.replace('_', '-')} {value}")
+            flags.append(f"--{dest.replace('_', '-')} {value:g}" if isinstance(value, float) else
+                         f"--{dest.replace('_', '-')} {value}")
     if args.slot_anchors:
         flags.append("--slot-anchors")
     return " ".join(flags)
