@@ -270,6 +270,15 @@ def _register_cpu_sdpa_flops() -> None:
     def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
+    onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if onednn_linear is not None:  # our frozen linears (tinygptv_lib/model/fast_cpu.py)
+        @fc.register_flop_formula(onednn_linear)
+        def _linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+            rows = 1
+            for d in x_shape[:-1]:
+                rows *= d
+            return 2 * rows * w_shape[0] * w_shape[1]
+
 
 def count_flops(fn) -> int:
     """FLOPs that `fn()` executes (matmuls, convolutions, attention; forward and backward)."""

@@ -39,3 +39,25 @@ def test_plain_path_when_the_head_trains_or_no_gradient(head):
     assert head.weight.grad is not None  # the plain path trains the head
     with pytest.raises(ValueError, match="reduction"):
         target_cross_entropy(hidden, head, targets, "none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_vocabulary_in_chunks_matches_cross_entropy(monkeypatch, reduction):
+    """Chunks of 1,024 columns (the smallest), the last one partial, targets in every chunk, and
+    logits whose maximum lies in a late chunk for some rows (the running maximum must rescale)."""
+    import tinygptv_lib.model.loss as L
+
+    monkeypatch.setattr(L, "CHUNK_BYTES", 0)
+    torch.manual_seed(1)
+    head = nn.Linear(32, 2500)
+    head.requires_grad_(False)
+    with torch.no_grad():
+        head.bias[2400:] += 8.0  # the last, partial chunk holds the largest logits
+    hidden = torch.randn(23, 32, requires_grad=True)
+    targets = torch.tensor([0, 1023, 1024, 2047, 2048, 2499] + torch.randint(0, 2500, (17,)).tolist())
+    fused = target_cross_entropy(hidden, head, targets, reduction)
+    (g_fused,) = torch.autograd.grad(fused, hidden)
+    plain = F.cross_entropy(head(hidden), targets, reduction=reduction)
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)

@@ -153,6 +153,30 @@ def test_loss_on_target_positions_equals_full_cross_entropy(tok):
     assert out["num_targets"] == int((b.targets != IGNORE).sum())
 
 
+def test_training_loss_gradients_equal_the_full_computation(tok):
+    """The training path (Phi's last layer only at predicting positions, the chunked loss, the
+    oneDNN linears) gives the gradients of cross-entropy over full logits, for every trained tensor."""
+    cfg = get_config("nano")
+    torch.manual_seed(0)
+    m = build_model(cfg, stage=2).eval()  # eval: no dropout, so both passes see the same function
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # LoRA in play
+    b = _batch(tok, cfg)  # rows of different lengths: padding, targets at different positions
+    pixels = torch.randn(3, 3, cfg.vision.img_size, cfg.vision.img_size)  # the fourth row is text only
+    trained = [p for p in m.parameters() if p.requires_grad]
+    loss = m(b, pixels)["loss"]
+    grads = torch.autograd.grad(loss, trained)
+    logits = m.full_logits(b, pixels)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b.targets[:, 1:].reshape(-1),
+                          ignore_index=IGNORE)
+    ref_grads = torch.autograd.grad(ref, trained)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def test_only_trainable_parameters_get_gradients(tok):
     cfg = get_config("nano")
     m = build_model(cfg, stage=2).train()

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tinygptv_lib.config import LoraConfig, PhiConfig, QFormerConfig, VisionConfig, get_config
+from tinygptv_lib.model.fast_cpu import use_fast_cpu_layers
 from tinygptv_lib.model.qformer import build_qformer_config
 from tinygptv_lib.model.tinygptv import build_model
 from tinygptv_lib.model.vision import build_vision_encoder
@@ -449,6 +450,8 @@ def test_lavis_eva_drops_the_last_block_and_matches_timm_and_lavis(src):
                               if not k.startswith((f"blocks.{VDEPTH}.", "norm.", "head."))})  # plain, strict
     with torch.no_grad():
         ours = model.vision.encoder.forward_features(pixels)
+        torch.testing.assert_close(ours, timm_vit.forward_features(pixels), rtol=1e-5, atol=1e-5)
+        use_fast_cpu_layers(timm_vit.requires_grad_(False))  # frozen, with our kernels: bit for bit
         torch.testing.assert_close(ours, timm_vit.forward_features(pixels), rtol=0, atol=0)
         torch.testing.assert_close(ours, lavis_vit(src["eva"], pixels, VDEPTH, VHEADS, 28), rtol=1e-4, atol=1e-5)
 

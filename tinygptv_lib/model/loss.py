@@ -2,9 +2,9 @@
 
 `target_cross_entropy(hidden, lm_head, targets)` equals
 `F.cross_entropy(lm_head(hidden).float(), targets)`. In fp32 training (the CPU path) it also finds
-the gradient with respect to `hidden` during the forward pass: the logits buffer is turned, in
-place, into softmax - one_hot (max, exp, sum, divide), multiplied by the head's weight, and freed.
-So the (targets x 51,200) logits are not kept for backward, and there is no separate log-softmax
+the gradient with respect to `hidden` during the forward pass, one vocabulary chunk at a time
+(an online softmax, `_HeadCrossEntropy`): softmax - one_hot is never held for the whole vocabulary,
+the (targets x 51,200) logits are not kept for backward, and there is no separate log-softmax
 output, zero-filled gradient or log-softmax backward pass over them. Same arithmetic: results agree
 with the plain path to float rounding (tests/test_loss.py).
 Under autocast (fp16/bf16 on a GPU) or when the head itself is trained it takes the plain path, so
@@ -16,24 +16,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_cpu import frozen_linear, frozen_matmul_t
+
+
+CHUNK_BYTES = 8 << 20  # logits of one vocabulary chunk: at most this many bytes (at least 1,024 columns)
+
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """loss = reduce(logsumexp(h W^T + b) - (h W^T + b)[target]); d loss / d h found in forward."""
+    """loss = reduce(logsumexp(h W^T + b) - (h W^T + b)[target]); d loss / d h found in forward.
+
+    The vocabulary is taken in chunks of columns whose logits fit in `CHUNK_BYTES`, with a running
+    maximum m, sum s = sum exp(z - m) and product a = sum exp(z - m) W, both rescaled by
+    exp(m_old - m_new) when the maximum rises (the online softmax). At the end
+    logsumexp = m + log s and d loss_i / d h_i = a_i / s_i - W[target_i]. A chunk's buffer is reused
+    from the allocator's free lists instead of one (N x 51,200) allocation that the OS maps fresh
+    each step, and no full-vocabulary division or scatter is needed.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mean: bool):
-        logits = F.linear(hidden, weight, bias)  # (N, V), fp32
-        picked = logits.gather(1, targets[:, None]).squeeze(1)
-        top = logits.amax(dim=-1, keepdim=True)
-        probs = logits.sub_(top).exp_()  # in place: exp(z - max), as logsumexp computes it
-        total = probs.sum(dim=-1, keepdim=True)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        cols = max(1024, CHUNK_BYTES // (4 * max(n, 1)))
+        top = torch.full((n, 1), float("-inf"), dtype=hidden.dtype, device=hidden.device)
+        total = torch.zeros_like(top)
+        acc = torch.zeros_like(hidden)
+        picked = torch.empty(n, dtype=hidden.dtype, device=hidden.device)
+        for lo in range(0, vocab, cols):
+            hi = min(lo + cols, vocab)
+            w = weight[lo:hi]
+            z = frozen_linear(hidden, w, None if bias is None else bias[lo:hi])  # (N, cols) (fast_cpu.py)
+            inside = (targets >= lo) & (targets < hi)
+            if inside.any():
+                rows = inside.nonzero().squeeze(1)
+                picked[rows] = z[rows, targets[rows] - lo]
+            new_top = torch.maximum(top, z.amax(dim=-1, keepdim=True))
+            rescale = (top - new_top).exp_()  # 0 on the first chunk (exp(-inf))
+            e = z.sub_(new_top).exp_()  # in place: exp(z - max)
+            total.mul_(rescale).add_(e.sum(dim=-1, keepdim=True))
+            acc.mul_(rescale).add_(frozen_matmul_t(e, w))
+            top = new_top
+            del z, e
         losses = (top + total.log()).squeeze(1) - picked  # logsumexp(z) - z[target]
         loss = losses.mean() if mean else losses.sum()
-        # softmax - one_hot, in place in the logits buffer: the gradient of the summed loss
-        probs.div_(total)
-        probs.scatter_add_(1, targets[:, None], torch.full_like(total, -1.0))
-        grad_hidden = probs @ weight
-        del logits, probs
+        grad_hidden = acc.div_(total).sub_(weight[targets])  # softmax @ W - one_hot @ W
         ctx.save_for_backward(grad_hidden)
         ctx.scale = 1.0 / targets.numel() if mean else 1.0
         return loss

@@ -98,7 +98,9 @@ class TinyGPTVPhiAttention(PhiAttention):
         self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, query_positions=None, **kwargs):
+        """`query_positions` (1-D, ascending): attend from these positions only (keys and values
+        still come from every position); the output then has one row per query position."""
         cache = cache if cache is not None else past_key_values
         bsz, seq, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states).view(bsz, seq, self.num_heads, 3, self.head_dim)
@@ -114,7 +116,16 @@ class TinyGPTVPhiAttention(PhiAttention):
         k = torch.cat((k_rot, k[..., r:]), dim=-1)
 
         if cache is not None:
+            if query_positions is not None:
+                raise ValueError("query_positions is for training passes, not with a KV cache")
             k, v = cache.update(k, v, self.layer_idx)
+        if query_positions is not None:  # causal: query position p sees keys 0..p
+            q = q[:, :, query_positions]
+            if attention_mask is None:
+                keys = torch.arange(k.shape[2], device=q.device)
+                attention_mask = (keys[None, :] <= query_positions[:, None])[None, None]
+            else:
+                attention_mask = attention_mask[:, :, query_positions]
 
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -124,7 +135,7 @@ class TinyGPTVPhiAttention(PhiAttention):
         out, weights = attention(self, q, k, v, attention_mask,
                                  dropout=self.attention_dropout if self.training else 0.0,
                                  scaling=self.scaling, **kwargs)
-        out = out.reshape(bsz, seq, -1).contiguous()
+        out = out.reshape(bsz, q.shape[2], -1).contiguous()
         return self.dense(out), weights
 
 
@@ -138,13 +149,22 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_layernorm = RMSNorm(config.hidden_size, eps=getattr(config, "post_norm_eps", 1e-6))
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.num_layers = config.num_hidden_layers
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
-                use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
+                use_cache=False, position_embeddings=None, past_key_values=None, last_layer_positions=None,
+                **kwargs):
+        """`last_layer_positions` (1-D, ascending), given to every layer: the *last* layer computes
+        its output only at these positions (the ones whose hidden state the loss reads); its keys
+        and values still cover every position. Earlier layers ignore it."""
+        positions = last_layer_positions if self.self_attn.layer_idx == self.num_layers - 1 else None
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         attn, _ = self.self_attn(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                                 cache=cache if cache is not None else past_key_values, **kwargs)
+                                 cache=cache if cache is not None else past_key_values,
+                                 query_positions=positions, **kwargs)
+        if positions is not None:
+            x, residual = x[:, positions], residual[:, positions]
         attn = self.resid_dropout(self.post_layernorm(attn))
         ff = self.resid_dropout(self.mlp(x))
         return attn + ff + residual

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TinyGPTVConfig
+from .fast_cpu import use_fast_cpu_layers
 from .loss import target_cross_entropy
 from .phi import build_phi, norm_weight_names
 from .projection import Projection
@@ -32,6 +33,7 @@ class TinyGPTV(nn.Module):
         self.qformer = QFormer(cfg.qformer, encoder_width=cfg.vision.width)
         self.projection = Projection(cfg.qformer.hidden_size, cfg.proj_hidden, cfg.phi.hidden_size)
         self.phi = build_phi(cfg.phi)
+        use_fast_cpu_layers(self)  # frozen linears through oneDNN, cheaper dropout masks on the CPU (fast_cpu.py)
         self.stage: int | None = None
         if stage is not None:
             self.set_stage(stage)
@@ -51,6 +53,7 @@ class TinyGPTV(nn.Module):
         peft_cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, bias="none",
                               target_modules=list(lc.target_modules))
         inject_adapter_in_model(peft_cfg, self.phi)  # Phi only: the Q-Former also has `dense` layers
+        use_fast_cpu_layers(self.phi)  # LoRA's own input dropout and layers (fast_cpu.py)
 
     def set_stage(self, stage: int) -> None:
         """The exact freeze policy of TinyGPT-V for a stage.
@@ -150,8 +153,12 @@ class TinyGPTV(nn.Module):
         embeds[slots] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
         return embeds
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.phi.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Phi's final hidden states (B, T, width); with `positions` (1-D, ascending) only at those
+        positions (B, len(positions), width): its last layer runs its queries, MLP and dense there."""
+        extra = {} if positions is None else {"last_layer_positions": positions}
+        out = self.phi.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False, **extra)
         return out.last_hidden_state
 
     def forward(self, batch: TextBatch, pixels: torch.Tensor | None = None,
@@ -163,16 +170,19 @@ class TinyGPTV(nn.Module):
         """
         targets = batch.targets[:, 1:]
         where = targets != IGNORE  # position t predicts token t + 1
-        predicting = where.any(0).nonzero()
+        predicting = where.any(0).nonzero().squeeze(1)  # positions that predict a target in some row
         if predicting.numel() == 0:
             raise ValueError("the batch has no target tokens (every answer is empty or cut away)")
         # Causal attention: positions after the last one that predicts a target change no loss term,
-        # so Phi does not run them (at least the final token of the longest row, all its padding).
+        # so Phi does not run them (at least the final token of the longest row, all its padding);
+        # and its last layer's output is needed only at the predicting positions.
         keep = int(predicting[-1]) + 1
         embeds = self.embed(batch, pixels, image_embeds, queries)
-        hidden = self.hidden_states(embeds[:, :keep], batch.attention_mask[:, :keep])
-        where = where[:, :keep]
-        loss = target_cross_entropy(hidden[where], self.phi.lm_head, targets[:, :keep][where], reduction)
+        positions = predicting if predicting.numel() < keep else None
+        hidden = self.hidden_states(embeds[:, :keep], batch.attention_mask[:, :keep], positions)
+        cols = predicting if positions is not None else slice(0, keep)
+        where = where[:, cols]
+        loss = target_cross_entropy(hidden[where], self.phi.lm_head, targets[:, cols][where], reduction)
         return {"loss": loss, "num_targets": int(where.sum())}
 
     def full_logits(self, batch: TextBatch, pixels: torch.Tensor | None = None,
