@@ -61,3 +61,10 @@ def test_vocabulary_in_chunks_matches_cross_entropy(monkeypatch, reduction):
     (g_plain,) = torch.autograd.grad(plain, hidden)
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_outside_the_vocabulary_are_refused(head):
+    hidden = torch.randn(3, 32, requires_grad=True)
+    for bad in (500, -1):
+        with pytest.raises(ValueError, match=r"target ids must lie in \[0, 500\)"):
+            target_cross_entropy(hidden, head, torch.tensor([1, bad, 2]))

@@ -36,6 +36,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, mean: bool):
         n, vocab = hidden.shape[0], weight.shape[0]
+        if n and (int(targets.min()) < 0 or int(targets.max()) >= vocab):  # as F.cross_entropy refuses them
+            raise ValueError(f"target ids must lie in [0, {vocab}), got {int(targets.min())}..{int(targets.max())}")
         cols = max(1024, CHUNK_BYTES // (4 * max(n, 1)))
         top = torch.full((n, 1), float("-inf"), dtype=hidden.dtype, device=hidden.device)
         total = torch.zeros_like(top)
