@@ -45,7 +45,8 @@ def _onednn_linear():
         ok = op is not None and torch.backends.mkldnn.is_available()
         if ok:
             try:  # a build can list the op and still lack a CPU kernel for it
-                op(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "none", [], "")
+                ok = torch.equal(op(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4), "none", [], ""),
+                                 torch.full((2, 4), 4.0))
             except Exception:  # noqa: BLE001 (any failure of the probe means: use F.linear)
                 ok = False
         _ONEDNN = op if ok else False
