@@ -8,6 +8,7 @@ with a `PhiConfig` text model (it builds `PhiForCausalLM`) and peft LoRA on the 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import sys
@@ -274,10 +275,7 @@ def _register_cpu_sdpa_flops() -> None:
     if onednn_linear is not None:  # our frozen linears (tinygptv_lib/model/fast_cpu.py)
         @fc.register_flop_formula(onednn_linear)
         def _linear(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-            rows = 1
-            for d in x_shape[:-1]:
-                rows *= d
-            return 2 * rows * w_shape[0] * w_shape[1]
+            return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 def count_flops(fn) -> int:

@@ -149,7 +149,6 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_layernorm = RMSNorm(config.hidden_size, eps=getattr(config, "post_norm_eps", 1e-6))
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
-        self.num_layers = config.num_hidden_layers
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                 use_cache=False, position_embeddings=None, past_key_values=None, last_layer_positions=None,
@@ -157,7 +156,8 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         """`last_layer_positions` (1-D, ascending), given to every layer: the *last* layer computes
         its output only at these positions (the ones whose hidden state the loss reads); its keys
         and values still cover every position. Earlier layers ignore it."""
-        positions = last_layer_positions if self.self_attn.layer_idx == self.num_layers - 1 else None
+        last = self.self_attn.layer_idx == self.self_attn.config.num_hidden_layers - 1
+        positions = last_layer_positions if last else None
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         attn, _ = self.self_attn(x, position_embeddings=position_embeddings, attention_mask=attention_mask,
