@@ -25,6 +25,7 @@ from tinygptv_lib.pretrain.dense_stage import (COLOURS, DenseHeads, DenseSetting
                                                make_view, train_dense, view_labels)
 from tinygptv_lib.pretrain.language_stage import (LanguageSettings, document, heldout_documents, reading_settings,
                                                   train_language)
+from tinygptv_lib.pretrain import seeing_stage as S
 from tinygptv_lib.pretrain.vision_stage import (VisionSettings, build_vocab, heldout_scenes, scene_pixels,
                                                 train_vision)
 from tinygptv_lib.tokenizer import load_tokenizer
@@ -86,6 +87,21 @@ def test_shipped_phi_answers_from_a_scene_sheet_in_the_image_slot():
     chance = {"colour": 1 / len(W.COLOURS), "shape": 1 / len(W.SHAPES), "count": 1 / 5}
     for kind, level in chance.items():
         assert r[kind] >= 2 * level, (kind, r)
+
+
+def test_shipped_phi_reads_the_shipped_towers_queries_through_its_seeing_projection():
+    from safetensors.torch import load_file
+    from tinygptv_lib.eval.shapes import CHANCE, evaluate_shapes
+    from tinygptv_lib.pretrain.run import SEEING_FILE
+
+    model = build_model("nano", stage=None)
+    load_nano_backbones(model)
+    untrained = evaluate_shapes(model.eval(), n_scenes=20)  # random projection: Phi reads nothing
+    model.projection.load_state_dict(load_file(str(NANO_BACKBONES / SEEING_FILE)))
+    model.vision.set_image_size(224)
+    r = evaluate_shapes(model, n_scenes=20)
+    for kind in ("colour", "shape"):
+        assert r[kind] >= 3 * CHANCE[kind] and r[kind] > untrained[kind] + 0.2, (kind, r, untrained)
 
 
 def test_shipped_phi_has_a_low_held_out_perplexity():
@@ -198,6 +214,61 @@ def test_reading_phase_continues_the_written_phi_once(tmp_path):
     pretrain(tmp_path / "two", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="language")
     made_by = json.loads((tmp_path / "two/config.json").read_text())["made_by"]
     assert "--part reading" not in made_by and made_by.endswith("--seed 1 --part language")  # both phases again
+
+
+def _tiny_seeing() -> S.SeeingSettings:
+    return S.SeeingSettings(steps=3, batch=2, warmup=1, drill_steps=2)
+
+
+def test_seeing_phase_fits_the_written_phi_to_the_towers_queries_once(tmp_path):
+    cfg, phi_file = _tiny_config(), "phi-2-nano/model.safetensors"
+    runs = []
+    for name in ("a", "b"):
+        pretrain(tmp_path / name, seed=1, cfg=cfg, settings=_tiny_settings(), progress=False)
+        towers = {n: (tmp_path / name / n).read_bytes() for n in ("eva_vit_nano.safetensors",
+                                                                "blip2_qformer_nano.safetensors")}
+        before = (tmp_path / name / phi_file).read_bytes()
+        settings = _tiny_settings()
+        settings.seeing = _tiny_seeing()
+        runs.append(pretrain(tmp_path / name, seed=1, cfg=cfg, settings=settings, progress=False, part="seeing"))
+        assert all((tmp_path / name / n).read_bytes() == b for n, b in towers.items())  # frozen
+        assert (tmp_path / name / phi_file).read_bytes() != before
+    assert (tmp_path / "a" / phi_file).read_bytes() == (tmp_path / "b" / phi_file).read_bytes()  # deterministic
+    q = runs[0]
+    assert set(q["image_reading"]) == {"colour", "shape", "count", "refer_iou50"}
+    assert q["steps"]["seeing"] == 5 and len({"seeing_first", "vision_first", "reading_last_50"}
+                                               & set(q["training_loss"])) == 3
+    config = json.loads((tmp_path / "a/config.json").read_text())
+    assert config["phi_phases"] == ["language", "reading", "seeing"]
+    assert config["made_by"].endswith("--seed 1 --part seeing") and config["pretraining"]["seeing"]["steps"] == 3
+    from tinygptv_lib.pretrain.run import SEEING_FILE
+    assert (tmp_path / "a" / SEEING_FILE).is_file()
+    with pytest.raises(ValueError, match="seeing phase continues a Phi after its reading phase"):
+        pretrain(tmp_path / "a", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="seeing")
+    for part in ("vision", "reading"):  # the Phi now reads these towers' queries: keep them together
+        with pytest.raises(ValueError, match="fitted to the queries"):
+            pretrain(tmp_path / "a", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part=part)
+    pretrain(tmp_path / "a", seed=1, cfg=cfg, settings=_tiny_settings(), progress=False, part="language")
+    config = json.loads((tmp_path / "a/config.json").read_text())
+    assert config["phi_phases"] == ["language", "reading"] and "--part seeing" not in config["made_by"]
+    assert not (tmp_path / "a" / SEEING_FILE).exists()
+
+
+def test_seeing_documents_leave_32_slots_for_the_queries_and_can_drop_unanswerable_drills():
+    tok = load_tokenizer()
+    drills = (0, 0, 0, 0, 1)
+    answers = {True: 0, False: 0}
+    for seed in range(40):
+        scene, ids, target, wide = S.document(tok, seed, drills)
+        assert ids.count(S.SLOT) == 32 and not any(t for i, t in zip(ids, target) if i == S.SLOT)
+        assert wide  # drills are stage-4 conversations: the picture at twice the size
+        for keep in (True, False):
+            pieces = T.lm_document(scene, random.Random(seed), 1.0, drills,
+                                   drill_weights=None if keep else {"unanswerable": 0})
+            answers[keep] += sum("unanswerable" in p for p in pieces if isinstance(p, str))
+    assert answers[True] > 0 and answers[False] == 0
+    _, _, _, wide = S.document(tok, 0, (1, 0, 0, 0, 0))  # a stage 1-2 caption: the towers' own size
+    assert not wide
 
 
 def test_reading_documents_hide_the_facts_from_the_loss_and_drill_lookups():

@@ -11,6 +11,7 @@ shapes world, in one reproducible command (about an hour on a 2-core laptop):
     dense_stage.py     first, the ViT alone on dense labels (patch colour, centre shape, box-pooled object)
     vision_stage.py    ViT + Q-Former with BLIP-2's first-stage losses (+ object slots)
     language_stage.py  the nano Phi as a causal LM
+    seeing_stage.py    Phi's third phase: the towers' queries in the image slot (`--part seeing`)
     evaluate.py        retrieval, perplexity, probes of what the frozen queries know, sheet reading
     export.py          writing the real full-size layouts (LAVIS EVA, LAVIS BLIP-2, microsoft/phi-2)
     run.py, cli.py     the one command, and `register(subparsers)` for the `tinygptv` CLI

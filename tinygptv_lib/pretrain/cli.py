@@ -11,15 +11,20 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds torch, random, numpy and every scene drawn")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: OMP_NUM_THREADS, else 2); part of what reproduces a run")
-    p.add_argument("--part", choices=("all", "vision", "language", "reading"), default="all",
+    p.add_argument("--part", choices=("all", "vision", "language", "reading", "seeing"), default="all",
                    help="retrain one part and keep the rest as written in --out (same seed and settings); "
-                        "language = both Phi phases, reading = Phi's second phase only")
+                        "language = both Phi phases, reading = Phi's second phase only, seeing = Phi's third "
+                        "phase, on the towers in --out (all stops before it)")
     p.add_argument("--dense-steps", type=int, default=None,
                    help="override the ViT-alone dense-label steps that come first (0 skips them)")
     p.add_argument("--vision-steps", type=int, default=None, help="override the ViT + Q-Former steps")
     p.add_argument("--language-steps", type=int, default=None, help="override the steps of Phi's first phase")
     p.add_argument("--reading-steps", type=int, default=None,
                    help="override the steps of Phi's second phase, the reading drills (0 skips it)")
+    p.add_argument("--seeing-steps", type=int, default=None,
+                   help="override the steps of the seeing phase's first part (every layout)")
+    p.add_argument("--seeing-drill-steps", type=int, default=None,
+                   help="override the steps of the seeing phase's second part (drills)")
     p.add_argument("--dense-box-weight", type=float, default=None,
                    help="weight of the dense phase's per-patch box loss (default 0: off, as shipped; tried at 5)")
     p.add_argument("--slot-anchors", action="store_true",
@@ -31,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # Command-line options that override one field of the default settings: (option dest, phase, field).
 OVERRIDES = (("dense_steps", "dense", "steps"), ("vision_steps", "vision", "steps"),
              ("language_steps", "language", "steps"), ("reading_steps", "reading", "steps"),
+             ("seeing_steps", "seeing", "steps"), ("seeing_drill_steps", "seeing", "drill_steps"),
              ("dense_box_weight", "dense", "box_weight"))
 
 

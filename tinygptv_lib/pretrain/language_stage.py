@@ -105,8 +105,13 @@ def lm_loss(phi, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor | N
     """
     hidden = phi.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     where = (mask if target is None else target)[:, 1:].bool()
-    h, targets = hidden[:, :-1][where], ids[:, 1:][where]
-    head = phi.lm_head
+    return sampled_loss(phi.lm_head, hidden[:, :-1][where], ids[:, 1:][where], vocab, negatives)
+
+
+def sampled_loss(head, h: torch.Tensor, targets: torch.Tensor, vocab: torch.Tensor | None = None,
+                 negatives: int = 2048) -> torch.Tensor:
+    """Cross-entropy of the output layer `head` on hidden states `h` (N, width): over the whole
+    vocabulary, or with `vocab` the sampled softmax described in `lm_loss`."""
     if vocab is None:
         return F.cross_entropy(head(h).float(), targets)
     rows = torch.unique(torch.cat([vocab, targets]))  # sorted

@@ -3,7 +3,8 @@
     python -m tinygptv_lib.pretrain --out tinygptv_lib/assets/nano_backbones --seed 0
 
 Phases, in order: dense (the ViT alone), vision (ViT + Q-Former, BLIP-2's losses), language (Phi
-from scratch), reading (Phi on from the language phase: lookup drills). `--part` reruns some of them.
+from scratch), reading (Phi on from the language phase: lookup drills). `--part` reruns some of them;
+`--part seeing` adds Phi's third phase on the towers of a folder (`seeing_stage.py`).
 
 Steps, not seconds, fix the length of the run, so the same seed on the same machine (and thread
 count) gives the same weights and the same quality numbers; only the timings change.
@@ -30,10 +31,12 @@ from .common import seed_everything, set_threads
 from .dense_stage import DenseSettings, train_dense
 from .heads import CompactVocab
 from .language_stage import LanguageSettings, heldout_documents, reading_settings, train_language
+from .seeing_stage import SeeingSettings, train_seeing
 from .vision_stage import VisionPretrainer, VisionSettings, build_vocab, heldout_scenes, scene_pixels, train_vision
 
 CONFIG_FILE = "config.json"
 QUALITY_FILE = "quality.json"
+SEEING_FILE = "seeing_projection.safetensors"  # the seeing phase's throw-away projection (measuring only)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class PretrainSettings:
     vision: VisionSettings = field(default_factory=VisionSettings)
     language: LanguageSettings = field(default_factory=LanguageSettings)
     reading: LanguageSettings = field(default_factory=reading_settings)  # Phi's second phase, on from `language`
+    seeing: SeeingSettings = field(default_factory=SeeingSettings)  # Phi's third phase (--part seeing only)
     eval_images: int = 200  # retrieval among this many held-out captions (chance = 1 / eval_images)
     eval_documents: int = 200
     eval_sheets: int = 40  # held-out course scenes for sheet_reading (each gives up to 4 items)
@@ -55,10 +59,16 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="pretraining", unit="step", disable=hidden or not enabled)
 
 
-PARTS = ("all", "vision", "language", "reading")
-# What each part trains (the rest is kept as written in `out`); "reading" continues the Phi in `out`.
+PARTS = ("all", "vision", "language", "reading", "seeing")
+# What each part trains (the rest is kept as written in `out`); "reading" and "seeing" continue the
+# Phi in `out`. "all" stops before seeing: that phase fits Phi to the queries of the towers it is run on.
 TRAINS = {"all": ("dense", "vision", "language", "reading"), "vision": ("dense", "vision"),
-          "language": ("language", "reading"), "reading": ("reading",)}
+          "language": ("language", "reading"), "reading": ("reading",), "seeing": ("seeing",)}
+
+
+def _steps(settings: "PretrainSettings", name: str) -> int:
+    phase = getattr(settings, name)
+    return phase.total_steps if isinstance(phase, SeeingSettings) else phase.steps
 
 
 def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
@@ -68,7 +78,9 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
 
     part: "all" trains both towers; "vision" (ViT + Q-Former) or "language" (Phi, both its phases)
     retrains one and keeps the other as already written in `out` by a run with the same seed and
-    settings for it; "reading" runs only Phi's second phase, on from a first-phase Phi in `out`.
+    settings for it; "reading" runs only Phi's second phase, on from a first-phase Phi in `out`;
+    "seeing" runs Phi's third phase on the towers and the read-trained Phi in `out` (whatever
+    recipe made them: the folder's config.json keeps its settings for them).
     flags: the command line's recipe options (`cli.recipe_flags`), written into `made_by` so that
     the chain of commands there remakes the files.
     """
@@ -79,15 +91,22 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
     settings = settings or PretrainSettings()
     trained = TRAINS[part]
     kept_parts = tuple(n for n in TRAINS["all"] if n not in trained)  # not retrained
-    before = _previous_run(out, seed, settings, kept_parts) if kept_parts else None
-    if part == "reading" and "reading" in _phi_phases(before["config"]):
+    before = _previous_run(out, seed, settings, () if part == "seeing" else kept_parts) if kept_parts else None
+    phases_before = _phi_phases(before["config"]) if before else []
+    if part in ("vision", "reading") and "seeing" in phases_before:
+        raise ValueError(f"{out / CONFIG_FILE}: this Phi was fitted to the queries of the towers in {out} "
+                         "(--part seeing); run --part language (then --part seeing) instead")
+    if part == "reading" and "reading" in phases_before:
         raise ValueError(f"{out / CONFIG_FILE}: this Phi has had its reading phase already; run --part language "
                          "to train both phases again")
+    if part == "seeing" and (phases_before[-1:] != ["reading"]):
+        raise ValueError(f"{out / CONFIG_FILE}: the seeing phase continues a Phi after its reading phase, this one "
+                         f"has had {phases_before}; run --part language to train Phi again first")
     threads = set_threads(threads)
     tokenizer = load_tokenizer()
     start = time.perf_counter()
     train_vision_part, train_language_part = "vision" in trained, "language" in trained
-    bar = _progress(sum(getattr(settings, n).steps for n in trained), progress)
+    bar = _progress(sum(_steps(settings, n) for n in trained), progress)
 
     def tick(stage: str):
         def on_step(losses: dict) -> None:
@@ -132,25 +151,44 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
         phi, reading_history = train_language(cfg, settings.reading, seed, tokenizer, tick("reading"), phi=phi)
         seconds["reading"] = round(time.perf_counter() - t0, 1)
         losses.update(reading_first=reading_history[0]["loss"], reading_last_50=_mean(reading_history[-50:])["loss"])
+    if "seeing" in trained:
+        t0 = time.perf_counter()
+        seed_everything(seed)
+        seeing_history = train_seeing(tower, settings.seeing, seed, tokenizer, tick("seeing"))
+        phi = tower.phi
+        seconds["seeing"] = round(time.perf_counter() - t0, 1)
+        losses.update(seeing_first=seeing_history[0]["loss"], seeing_last_50=_mean(seeing_history[-50:])["loss"])
     bar.close()
 
     sizes = export.write_backbones(out, cfg, vision_model, phi, vocab)
     command = (f"python -m tinygptv_lib.pretrain --out {out} --seed {seed}" + (f" {flags}" if flags else "")
                + ("" if part == "all" else f" --part {part}"))  # --part last: later runs find what they replace
     replaced = tuple(f"--part {p}" for p in PARTS if set(TRAINS[p]) <= set(trained))
+    if train_language_part:  # a new Phi: the seeing phase of the old one is gone with it
+        replaced += ("--part seeing",)
     earlier = [] if before is None else [c for c in before["config"]["made_by"].split(" && ")
                                           if not c.endswith(replaced)]  # what this run replaces goes
     made_by = " && ".join(earlier + [command])
-    phases = [n for n in ("language", "reading") if getattr(settings, n).steps and
-              (n in trained or (before is not None and n in _phi_phases(before["config"])))]
+    if part == "seeing":
+        phases = phases_before + ["seeing"]
+        export.save_tensors(tower.projection.state_dict(), out / SEEING_FILE)
+        recipe = {**before["config"]["pretraining"], "seeing": dataclasses.asdict(settings.seeing)}
+    else:
+        phases = [n for n in ("language", "reading") if getattr(settings, n).steps and
+                  (n in trained or n in phases_before)]
+        (out / SEEING_FILE).unlink(missing_ok=True)  # no Phi here has seen through it
+        recipe = dataclasses.asdict(settings)
+        recipe.pop("seeing")
     (out / CONFIG_FILE).write_text(json.dumps({
-        "made_by": made_by, "seed": seed, "model": cfg.to_dict(), "pretraining": dataclasses.asdict(settings),
+        "made_by": made_by, "seed": seed, "model": cfg.to_dict(), "pretraining": recipe,
         "phi_phases": phases,
     }, indent=2) + "\n")
     quality = measure(out, cfg, settings)
     old = before["quality"] if before else {}
-    steps = {n: getattr(settings, n).steps for n in TRAINS["all"]}
+    steps = {n: _steps(settings, n) for n in TRAINS["all"]}
     batch = {n: getattr(settings, n).batch for n in TRAINS["all"]}
+    if "seeing" in phases:
+        steps["seeing"], batch["seeing"] = _steps(settings, "seeing"), settings.seeing.batch
     if before:  # the kept part's seconds and losses come from the run that trained it
         for name in kept_parts:
             seconds[name] = old.get("seconds", {}).get(name)
@@ -249,8 +287,16 @@ def measure(folder: str | Path, cfg: TinyGPTVConfig | None = None, settings: Pre
     docs = heldout_documents(tokenizer, n_documents or settings.eval_documents, settings.language)
     ppl = E.perplexity(tower.phi.eval(), docs)
     reading = E.sheet_reading(tower.phi, tokenizer, n_sheet or settings.eval_sheets)
+    seeing = {}
+    if (folder / SEEING_FILE).is_file():  # Phi answering from the queries, through the phase's own projection
+        from ..eval.shapes import evaluate_shapes
+
+        tower.projection.load_state_dict(load_file(str(folder / SEEING_FILE)))
+        tower.vision.set_image_size(2 * cfg.vision.img_size)  # as the course's stage 4 shows pictures
+        scores = evaluate_shapes(tower.float().eval(), n_scenes=n_images or settings.eval_images, seed=0)
+        seeing = {"image_reading": {k: round(v, 4) for k, v in scores.items()}}
     torch.manual_seed(0)
     random_ppl = E.perplexity(build_model(cfg, stage=None).phi.eval(), docs)
     return {"retrieval": retrieval, "perplexity": {"heldout": round(ppl, 3), "random_phi": round(random_ppl, 1),
                                                    "documents": len(docs), "tokens": sum(sum(t[1:]) for _, t in docs)},
-            "probes": probes, "sheet_reading": reading}
+            "probes": probes, "sheet_reading": reading, **seeing}

@@ -100,13 +100,13 @@ KINDS = ("caption", "detail", "task", "chat", "drill")
 
 
 def lm_document(scene: W.Scene, rng: random.Random, context_share: float = 0.8,
-                weights: tuple[float, ...] = (2, 1, 5, 2, 0)) -> list[Piece]:
+                weights: tuple[float, ...] = (2, 1, 5, 2, 0), drill_weights: dict | None = None) -> list[Piece]:
     """One LM training document about `scene`, in one of the course's stage layouts (BOS not included).
-    `weights`: how often each of `KINDS` is drawn."""
+    `weights`: how often each of `KINDS` is drawn; `drill_weights`: changes to `DRILL_WEIGHTS`."""
     facts = scene_sheet(scene) if rng.random() < context_share else ""
     kind = rng.choices(KINDS, weights=weights)[0]
     if kind == "drill":  # stage 4, lookups only: many short [vqa] / [refer] / [identify] turns about one sheet
-        return _task_conversation(_drill_turns(scene, rng, rng.randint(6, 10)), facts)
+        return _task_conversation(_drill_turns(scene, rng, rng.randint(6, 10), drill_weights), facts)
     if kind == "caption":  # stages 1-2: [BOS][image][caption\n]
         return _fill("<ImageHere>", facts) + [W.short_caption(scene) + "\n"]
     if kind == "detail":  # stage 3
@@ -136,8 +136,10 @@ DRILL_WEIGHTS = {"colour": 3, "shape": 3, "count": 3, "refer": 3, "identify": 1,
                  "yesno": 1, "reading": 1, "unanswerable": 1}
 
 
-def _drill_turns(scene: W.Scene, rng: random.Random, k: int) -> list[tuple[str, str]]:
-    """k different (instruction, answer) lookups about the scene, a kind drawn first (DRILL_WEIGHTS)."""
+def _drill_turns(scene: W.Scene, rng: random.Random, k: int, changes: dict | None = None) -> list[tuple[str, str]]:
+    """k different (instruction, answer) lookups about the scene, a kind drawn first (DRILL_WEIGHTS,
+    with `changes`)."""
+    weights = {**DRILL_WEIGHTS, **(changes or {})}
     pools: dict[str, list[tuple[str, str]]] = {}
     for qa in W.vqa_items(scene):
         pools.setdefault(qa.qtype, []).append((f"[vqa] {qa.question}", qa.answer))
@@ -146,10 +148,10 @@ def _drill_turns(scene: W.Scene, rng: random.Random, k: int) -> list[tuple[str, 
         pools.setdefault("identify", []).append(identify)
     turns: list[tuple[str, str]] = []
     while len(turns) < k:
-        kinds = [q for q in DRILL_WEIGHTS if pools.get(q)]
+        kinds = [q for q in weights if pools.get(q) and weights[q] > 0]
         if not kinds:
             break
-        kind = rng.choices(kinds, weights=[DRILL_WEIGHTS[q] for q in kinds])[0]
+        kind = rng.choices(kinds, weights=[weights[q] for q in kinds])[0]
         turns.append(pools[kind].pop(rng.randrange(len(pools[kind]))))
     return turns
 
