@@ -16,8 +16,9 @@ random, as TinyGPT-V's does. The towers stay frozen; their queries are what the 
 Documents in the stage-4 layout (`[INST] ...`) show the picture at twice the towers' size, as the
 course's stage 4 does; captions and stage-3 descriptions at the towers' size. Two sub-phases: the
 first on every layout, the second on drills (`texts.DRILL_WEIGHTS`) with "unanswerable" lookups
-all but removed: from queries, Phi answered "What colour is the square?" with "unanswerable" for
-a square in the picture in 39 of 151 misses (measured 2026-11-27).
+all but removed: from queries, Phi had answered questions like "What colour is the square?"
+about a square in the picture with "unanswerable" (or a colour not in it) in 39 of its 70 misses of
+151 (measured 2026-11-27).
 """
 from __future__ import annotations
 
