@@ -362,7 +362,7 @@ def trained(tmp_path_factory, scenes):
 
 
 def test_chat_answers_from_a_course_checkpoint(trained, model, tok, capsys):
-    question = "What colour is the star?"
+    question = "What colour is the background?"  # the two models answer it differently
     prompt = build_prompt(question, "stage4", "vqa")
     px = pixels(trained.model, [Image.open(trained.image).convert("RGB")])
     expected = generate(trained.model, tok, prompt, pixels=px, max_new_tokens=10).texts[0]
@@ -586,7 +586,7 @@ def test_lean_step_follows_a_changed_weight_and_steps_aside_where_it_is_not_exac
     try:
         with torch.no_grad():  # an optimiser step changes them in place: the kept merge must not be used
             for p in lora_b:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 2.0)
         lean = generate(m, tok, prompt, pixels=px, max_new_tokens=10, stop=(), eos_id=None)
         with monkeypatch.context() as mp:
             _module_path(mp)

@@ -228,15 +228,16 @@ def test_seeing_phase_fits_the_written_phi_to_the_towers_queries_once(tmp_path):
         towers = {n: (tmp_path / name / n).read_bytes() for n in ("eva_vit_nano.safetensors",
                                                                 "blip2_qformer_nano.safetensors")}
         before = (tmp_path / name / phi_file).read_bytes()
-        settings = _tiny_settings()
-        settings.seeing = _tiny_seeing()
+        # the other phases' settings at their defaults: the folder's own recipe is what counts for them
+        settings = PretrainSettings(seeing=_tiny_seeing(), eval_images=8, eval_documents=4, eval_sheets=3)
         runs.append(pretrain(tmp_path / name, seed=1, cfg=cfg, settings=settings, progress=False, part="seeing"))
         assert all((tmp_path / name / n).read_bytes() == b for n, b in towers.items())  # frozen
         assert (tmp_path / name / phi_file).read_bytes() != before
     assert (tmp_path / "a" / phi_file).read_bytes() == (tmp_path / "b" / phi_file).read_bytes()  # deterministic
     q = runs[0]
     assert set(q["image_reading"]) == {"colour", "shape", "count", "refer_iou50"}
-    assert q["steps"]["seeing"] == 5 and len({"seeing_first", "vision_first", "reading_last_50"}
+    assert q["steps"]["seeing"] == 5 and q["steps"]["reading"] == 4  # the kept phase's own count, not the default
+    assert len({"seeing_first", "vision_first", "reading_last_50"}
                                                & set(q["training_loss"])) == 3
     config = json.loads((tmp_path / "a/config.json").read_text())
     assert config["phi_phases"] == ["language", "reading", "seeing"]

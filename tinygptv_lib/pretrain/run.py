@@ -187,6 +187,8 @@ def pretrain(out: str | Path, seed: int = 0, cfg: TinyGPTVConfig | None = None,
     old = before["quality"] if before else {}
     steps = {n: _steps(settings, n) for n in TRAINS["all"]}
     batch = {n: getattr(settings, n).batch for n in TRAINS["all"]}
+    if part == "seeing":  # the kept parts' numbers are those of the runs that made them
+        steps, batch = {**steps, **old.get("steps", {})}, {**batch, **old.get("batch", {})}
     if "seeing" in phases:
         steps["seeing"], batch["seeing"] = _steps(settings, "seeing"), settings.seeing.batch
     if before:  # the kept part's seconds and losses come from the run that trained it
