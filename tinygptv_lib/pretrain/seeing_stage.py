@@ -22,6 +22,7 @@ about a square in the picture with "unanswerable" (or a colour not in it) in 39 
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -29,11 +30,12 @@ import torch
 
 from ..data import world as W
 from ..data.images import preprocess
+from ..model.sequence import IMAGE_SLOT, TextBatch
 from . import texts as T
 from .common import adamw, lr_at, set_lr
 from .language_stage import LanguageSettings, corpus_vocab, freeze_added_norms, sampled_loss
 
-SLOT = -1  # where a document's image goes (32 positions), before the queries are spliced in
+SLOT = IMAGE_SLOT  # where a document's image goes (32 positions); `model.embed` splices the queries in
 
 
 @dataclass
@@ -61,18 +63,7 @@ def document(tokenizer, scene_seed: int, kinds, drill_weights: dict | None = Non
     """(scene, ids, targets, stage-4 layout?): a language-phase document whose image slot is SLOT x 32."""
     scene = W.make_scene(scene_seed, 224)
     pieces = T.lm_document(scene, random.Random(scene_seed), 1.0, tuple(kinds), drill_weights=drill_weights)
-    ids, target = [50256], [False]
-    for piece in pieces:
-        if piece is T.BOS:
-            ids.append(50256)
-            target.append(True)
-        elif isinstance(piece, T.Facts):
-            ids += [SLOT] * 32
-            target += [False] * 32
-        elif piece:
-            new = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            ids += new
-            target += [True] * len(new)
+    ids, target = T.tokenize_with_targets(tokenizer, pieces, facts_ids=[SLOT] * 32)
     wide = any(isinstance(p, str) and "[INST]" in p for p in pieces)
     return scene, ids[:max_len], target[:max_len], wide
 
@@ -80,8 +71,6 @@ def document(tokenizer, scene_seed: int, kinds, drill_weights: dict | None = Non
 def train_seeing(model, s: SeeingSettings, seed: int, tokenizer, on_step=None) -> list[dict]:
     """Train `model.phi` (its added norms stay at identity) and `model.projection` on documents whose
     image slot holds the frozen towers' queries; returns the per-step losses."""
-    import copy
-
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
     model.phi.requires_grad_(True)
@@ -116,9 +105,7 @@ def train_seeing(model, s: SeeingSettings, seed: int, tokenizer, on_step=None) -
                     if rows:
                         px = torch.stack([preprocess(W.render(docs[i][0]), 2 * size if wide else size) for i in rows])
                         queries[rows] = model.qformer(vision(px))
-            slots = ids == SLOT
-            embeds = model.phi.get_input_embeddings()(ids.masked_fill(slots, 50256)).clone()
-            embeds[slots] = model.project(queries).reshape(-1, embeds.shape[-1])
+            embeds = model.embed(TextBatch(ids, mask, ids, torch.ones(len(docs), dtype=torch.bool)), queries=queries)
             set_lr(opt, lr_at(step, steps, peak, s.warmup))
             hidden = model.phi.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
             where = target[:, 1:]

@@ -178,13 +178,18 @@ def tokenize_pieces(tokenizer, pieces: list[Piece], bos_id: int = 50256) -> list
     return tokenize_with_targets(tokenizer, pieces, bos_id)[0]
 
 
-def tokenize_with_targets(tokenizer, pieces: list[Piece], bos_id: int = 50256) -> tuple[list[int], list[bool]]:
-    """The ids of `tokenize_pieces` and, per id, whether it is a loss target (False for `Facts`)."""
+def tokenize_with_targets(tokenizer, pieces: list[Piece], bos_id: int = 50256,
+                          facts_ids: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """The ids of `tokenize_pieces` and, per id, whether it is a loss target (False for `Facts`).
+    `facts_ids`: ids that stand for the `Facts` piece instead of its text (image slots)."""
     ids, target = [bos_id], [False]
     for piece in pieces:
         if piece is BOS:
             ids.append(bos_id)
             target.append(True)
+        elif facts_ids is not None and isinstance(piece, Facts):
+            ids += facts_ids
+            target += [False] * len(facts_ids)
         elif piece:
             new = tokenizer(piece, add_special_tokens=False)["input_ids"]
             ids += new
