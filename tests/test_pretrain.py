@@ -217,7 +217,7 @@ def test_reading_phase_continues_the_written_phi_once(tmp_path):
 
 
 def _tiny_seeing() -> S.SeeingSettings:
-    return S.SeeingSettings(steps=3, batch=2, warmup=1, drill_steps=2)
+    return S.SeeingSettings(steps=3, batch=2, warmup=1, drill_steps=2, focus_steps=2)
 
 
 def test_seeing_phase_fits_the_written_phi_to_the_towers_queries_once(tmp_path):
@@ -236,7 +236,7 @@ def test_seeing_phase_fits_the_written_phi_to_the_towers_queries_once(tmp_path):
     assert (tmp_path / "a" / phi_file).read_bytes() == (tmp_path / "b" / phi_file).read_bytes()  # deterministic
     q = runs[0]
     assert set(q["image_reading"]) == {"colour", "shape", "count", "refer_iou50"}
-    assert q["steps"]["seeing"] == 5 and q["steps"]["reading"] == 4  # the kept phase's own count, not the default
+    assert q["steps"]["seeing"] == 7 and q["steps"]["reading"] == 4  # the kept phase's own count, not the default
     assert len({"seeing_first", "vision_first", "reading_last_50"}
                                                & set(q["training_loss"])) == 3
     config = json.loads((tmp_path / "a/config.json").read_text())

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="override the steps of the seeing phase's first part (every layout)")
     p.add_argument("--seeing-drill-steps", type=int, default=None,
                    help="override the steps of the seeing phase's second part (drills)")
+    p.add_argument("--seeing-focus-steps", type=int, default=None,
+                   help="override the steps of the seeing phase's third part (drills asking mostly colours and boxes)")
     p.add_argument("--dense-box-weight", type=float, default=None,
                    help="weight of the dense phase's per-patch box loss (default 0: off, as shipped; tried at 5)")
     p.add_argument("--slot-anchors", action="store_true",
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 OVERRIDES = (("dense_steps", "dense", "steps"), ("vision_steps", "vision", "steps"),
              ("language_steps", "language", "steps"), ("reading_steps", "reading", "steps"),
              ("seeing_steps", "seeing", "steps"), ("seeing_drill_steps", "seeing", "drill_steps"),
+             ("seeing_focus_steps", "seeing", "focus_steps"),
              ("dense_box_weight", "dense", "box_weight"))
 
 
