@@ -272,6 +272,14 @@ def test_seeing_documents_leave_32_slots_for_the_queries_and_can_drop_unanswerab
     assert not wide
 
 
+def test_seeing_focus_drills_ask_colours_and_boxes_more_often():
+    def share(changes):
+        turns = [q for s in range(60) for q, _ in T._drill_turns(W.make_scene(s, 224), random.Random(s), 8, changes)]
+        return sum(q.startswith(("[vqa] What colour", "[refer]")) for q in turns) / len(turns)
+    default, focus = share({"unanswerable": 0.001}), share(S.SeeingSettings().focus_drills)
+    assert focus > default + 0.1  # colour 6 and refer 6 of 21 weights, against 3 and 3 of 19
+
+
 def test_reading_documents_hide_the_facts_from_the_loss_and_drill_lookups():
     tok = load_tokenizer()
     seeds = [W.derive_seed("test/reading", i) for i in range(40)]
