@@ -36,3 +36,11 @@ def test_gpu_full_step_smoke():
 def test_memory_plan_script(script):
     out = run(script, "--stage", "4")
     assert "| 4 | 448 |" in out and "fp16 inference" in out
+
+
+def test_course_reading_script(tmp_path):
+    out = run("benchmarks/course_reading.py", "--course", str(tmp_path), "--scenes", "3", "--threads", "1")
+    assert "no finished stage" in out and "| Phi + seeing projection (no course stage) |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| Phi + seeing"))
+    split = [int(v) for v in row.split("|")[-3].split("/")]
+    assert sum(split) == 3  # every refer answer falls into exactly one outcome

@@ -58,3 +58,26 @@ def test_demo_asks_the_scenes_own_questions_with_their_answers():
     lines = report_table(report).splitlines()
     assert "demo (shapes-world scene 1): [vqa] What colour is the square? -> 'red' (truth 'blue')" in lines
     assert "demo (photo a.jpg): [vqa] What colour is the background? -> 'grey'" in lines
+
+
+def test_refer_outcome_tells_a_loose_box_from_a_box_on_another_object():
+    from tinygptv_lib.data import world as W
+    from tinygptv_lib.eval.shapes import refer_outcome
+
+    def loose(box):  # moved right by half its width: IoU 1/3 with where it was
+        w = box[2] - box[0]
+        return (box[0] + w // 2, box[1], box[2] + w // 2, box[3])
+
+    def clear(scene):  # the first object's loose box touches no other object
+        return len(scene.objects) >= 2 and all(W.iou(loose(scene.objects[0].bbox), o.bbox) == 0
+                                               for o in scene.objects[1:])
+
+    scene = next(s for s in (W.make_scene(W.derive_seed(0, "test/refer", i), 224) for i in range(100)) if clear(s))
+    target, other = scene.objects[0].bbox, scene.objects[1].bbox
+    text = lambda b: W.box_to_text(b, scene.width, scene.height)  # noqa: E731
+    assert refer_outcome(f"here: {text(target)}", scene, target) == "right"
+    assert 0 < W.iou(loose(target), target) <= 0.5
+    assert refer_outcome(text(loose(target)), scene, target) == "imprecise"
+    assert refer_outcome(text(other), scene, target) == "wrong object"
+    assert refer_outcome("the red one", scene, target) == "no box"
+    assert refer_outcome("{<1><2><3>}", scene, target) == "no box"

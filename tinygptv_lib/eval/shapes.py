@@ -64,3 +64,22 @@ def evaluate_shapes(model, n_scenes: int = 60, seed: int = 0, batch_size: int = 
                 ok = normalise(ans) == normalise(it["answer"])
             scores.setdefault(it["kind"], []).append(float(ok))
     return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+REFER_OUTCOMES = ("right", "imprecise", "wrong object", "no box")
+
+
+def refer_outcome(answer: str, scene, box) -> str:
+    """Why a [refer] answer scores or not: 'right' (IoU > 0.5 with the true box), 'imprecise' (the
+    answer's box overlaps the true one, and no other object's more, but IoU <= 0.5), 'wrong object'
+    (it lies on another object, or on nothing), or 'no box' (none, or a malformed one, in the answer).
+    Splits a low refer score into finding the object and writing its box precisely."""
+    try:
+        got = W.box_from_text(answer, scene.width, scene.height)
+    except ValueError:
+        return "no box"
+    truth = W.iou(got, box)
+    if truth > 0.5:
+        return "right"
+    others = [W.iou(got, o.bbox) for o in scene.objects if tuple(o.bbox) != tuple(box)]
+    return "imprecise" if truth > 0 and truth >= max(others, default=0.0) else "wrong object"

@@ -10,8 +10,8 @@ So this phase does, once, what the long pretraining of a real LLM plus MiniGPT-4
 for: the documents of the language phase, with the image slot filled by the queries of the scene's
 picture through a throw-away projection (`Projection`, the course's own shape), Phi and that
 projection trained together. The projection is kept apart (`seeing_projection.safetensors`) to
-measure what Phi reads, never loaded by the course: stage 1 still learns its projections from
-random, as TinyGPT-V's does. The towers stay frozen; their queries are what the course will feed.
+measure what Phi reads, never loaded by the course: stage 1 still learns both projections from
+random (TinyGPT-V starts the first from MiniGPT-4's, which nano lacks). The towers stay frozen; their queries are what the course will feed.
 
 Documents in the stage-4 layout (`[INST] ...`) show the picture at twice the towers' size, as the
 course's stage 4 does; captions and stage-3 descriptions at the towers' size. Three sub-phases: the

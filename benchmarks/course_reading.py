@@ -1,0 +1,105 @@
+"""What each finished course stage can read from the picture, at stage 4's size, next to what Phi
+itself reads from the towers' queries (through the seeing phase's projection, before any course stage).
+
+    python benchmarks/course_reading.py --course runs/course --scenes 600
+
+The course's own table evaluates each stage at that stage's image size on 200 scenes; this one asks
+every stage the same held-out questions at 224 px (the stage-4 size; each stage's weights loaded into
+the stage-4 model, its position grid interpolated), on as many scenes as asked, so that stages compare
+with each other and with the seeing reference. It also splits the [refer] answers into right /
+imprecise (on the right object, IoU <= 0.5) / wrong object / no box (`eval.shapes.refer_outcome`):
+a low refer score is either finding the object or writing its box.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from tinygptv_lib.cli import _stage_model  # noqa: E402
+from tinygptv_lib.course import interval95  # noqa: E402
+from tinygptv_lib.data import world as W  # noqa: E402
+from tinygptv_lib.data.images import preprocess  # noqa: E402
+from tinygptv_lib.eval.shapes import PROMPT, REFER_OUTCOMES, eval_items, normalise, refer_outcome  # noqa: E402
+from tinygptv_lib.infer.generate import greedy_generate  # noqa: E402
+from tinygptv_lib.tokenizer import load_tokenizer  # noqa: E402
+from tinygptv_lib.weights.nano import NANO_BACKBONES  # noqa: E402
+
+SIZE = 224
+KINDS = ("colour", "shape", "count", "refer_iou50")
+
+
+def seeing_model():
+    """The shipped Phi with the seeing phase's projection, no course stage: what Phi reads by itself."""
+    from safetensors.torch import load_file
+
+    model = _stage_model("nano", 4)
+    sd = load_file(str(NANO_BACKBONES / "seeing_projection.safetensors"))
+    model.projection.load_state_dict({k: v.float() for k, v in sd.items()})
+    return model
+
+
+@torch.no_grad()
+def read(model, n_scenes: int, batch: int = 32) -> tuple[dict, Counter]:
+    model.vision.set_image_size(SIZE)
+    model.eval()
+    tok = load_tokenizer()
+    items = eval_items(n_scenes, 0, SIZE)
+    scores: dict[str, list[float]] = {}
+    outcomes: Counter = Counter()
+    for k in range(0, len(items), batch):
+        chunk = items[k:k + batch]
+        pixels = torch.stack([preprocess(W.render(it["scene"]), SIZE) for it in chunk])
+        answers = greedy_generate(model, tok, [PROMPT.format(it["question"]) for it in chunk], pixels=pixels,
+                                  max_new_tokens=24)
+        for it, ans in zip(chunk, answers):
+            if it["kind"] == "refer_iou50":
+                outcome = refer_outcome(ans, it["scene"], it["box"])
+                outcomes[outcome] += 1
+                ok = outcome == "right"
+            else:
+                ok = normalise(ans) == normalise(it["answer"])
+            scores.setdefault(it["kind"], []).append(float(ok))
+    return {k: sum(v) / len(v) for k, v in scores.items()}, outcomes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--course", default="runs/course", help="a `tinygptv course` folder (its stageN/final.pt)")
+    ap.add_argument("--scenes", type=int, default=600, help="held-out scenes, one question of each kind a scene")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.scenes < 1:
+        ap.error(f"--scenes must be at least 1, got {args.scenes}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [("Phi + seeing projection (no course stage)", seeing_model)]
+    for stage in (1, 2, 3, 4):
+        final = Path(args.course) / f"stage{stage}" / "final.pt"
+        if final.is_file():
+            rows.append((f"course stage {stage}", lambda final=final: _stage_model("nano", 4, init_from=final)))
+    if len(rows) == 1:
+        print(f"note: no finished stage under {args.course} (stageN/final.pt); only the seeing reference")
+    print(f"{args.scenes} held-out scenes at {SIZE} px (a score's 95 % interval: about "
+          f"+-{interval95(args.scenes):.2f}); refer answers: " + " / ".join(REFER_OUTCOMES))
+    print("| weights | " + " | ".join(KINDS) + " | refer answers | s |")
+    print("|---" * (len(KINDS) + 3) + "|")
+    for name, make in rows:
+        t = time.time()
+        scores, outcomes = read(make(), args.scenes)
+        split = " / ".join(str(outcomes[o]) for o in REFER_OUTCOMES)
+        print(f"| {name} | " + " | ".join(f"{scores.get(k, float('nan')):.3f}" for k in KINDS)
+              + f" | {split} | {time.time() - t:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
