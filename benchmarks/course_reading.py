@@ -26,11 +26,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from tinygptv_lib.cli import _stage_model  # noqa: E402
 from tinygptv_lib.course import interval95  # noqa: E402
-from tinygptv_lib.data import world as W  # noqa: E402
-from tinygptv_lib.data.images import preprocess  # noqa: E402
-from tinygptv_lib.eval.shapes import PROMPT, REFER_OUTCOMES, eval_items, normalise, refer_outcome  # noqa: E402
-from tinygptv_lib.infer.generate import greedy_generate  # noqa: E402
-from tinygptv_lib.tokenizer import load_tokenizer  # noqa: E402
+from tinygptv_lib.eval.shapes import REFER_OUTCOMES, evaluate_shapes  # noqa: E402
+from tinygptv_lib.pretrain.run import SEEING_FILE  # noqa: E402
 from tinygptv_lib.weights.nano import NANO_BACKBONES  # noqa: E402
 
 SIZE = 224
@@ -42,33 +39,15 @@ def seeing_model():
     from safetensors.torch import load_file
 
     model = _stage_model("nano", 4)
-    sd = load_file(str(NANO_BACKBONES / "seeing_projection.safetensors"))
+    sd = load_file(str(NANO_BACKBONES / SEEING_FILE))
     model.projection.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 
 
-@torch.no_grad()
-def read(model, n_scenes: int, batch: int = 32) -> tuple[dict, Counter]:
+def read(model, n_scenes: int) -> tuple[dict, Counter]:
     model.vision.set_image_size(SIZE)
-    model.eval()
-    tok = load_tokenizer()
-    items = eval_items(n_scenes, 0, SIZE)
-    scores: dict[str, list[float]] = {}
     outcomes: Counter = Counter()
-    for k in range(0, len(items), batch):
-        chunk = items[k:k + batch]
-        pixels = torch.stack([preprocess(W.render(it["scene"]), SIZE) for it in chunk])
-        answers = greedy_generate(model, tok, [PROMPT.format(it["question"]) for it in chunk], pixels=pixels,
-                                  max_new_tokens=24)
-        for it, ans in zip(chunk, answers):
-            if it["kind"] == "refer_iou50":
-                outcome = refer_outcome(ans, it["scene"], it["box"])
-                outcomes[outcome] += 1
-                ok = outcome == "right"
-            else:
-                ok = normalise(ans) == normalise(it["answer"])
-            scores.setdefault(it["kind"], []).append(float(ok))
-    return {k: sum(v) / len(v) for k, v in scores.items()}, outcomes
+    return evaluate_shapes(model.eval(), n_scenes=n_scenes, seed=0, refer_outcomes=outcomes), outcomes
 
 
 def main(argv=None) -> int:

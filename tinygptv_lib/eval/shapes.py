@@ -3,6 +3,8 @@ and referring boxes. Scenes come from the world's evaluation seed stream, never 
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..data import world as W
@@ -39,33 +41,6 @@ def normalise(text: str) -> str:
     return normalize_answer(text)
 
 
-@torch.no_grad()
-def evaluate_shapes(model, n_scenes: int = 60, seed: int = 0, batch_size: int = 32) -> dict:
-    """Accuracy per question kind (exact match after VQA's normalisation) and the share of boxes with IoU > 0.5."""
-    tok = load_tokenizer()
-    items = eval_items(n_scenes, seed)
-    size = model.cfg.vision.img_size
-    device = next(model.phi.parameters()).device
-    dtype = next(model.vision.parameters()).dtype
-    scores: dict[str, list[float]] = {}
-    for k in range(0, len(items), batch_size):
-        chunk = items[k:k + batch_size]
-        pixels = torch.stack([preprocess(W.render(it["scene"]), size) for it in chunk]).to(device, dtype=dtype)
-        answers = greedy_generate(model, tok, [PROMPT.format(it["question"]) for it in chunk], pixels=pixels,
-                                  max_new_tokens=24)
-        for it, ans in zip(chunk, answers):
-            if it["kind"] == "refer_iou50":
-                try:
-                    box = W.box_from_text(ans, it["scene"].width, it["scene"].height)
-                    ok = W.iou(box, it["box"]) > 0.5
-                except ValueError:  # no box, or a malformed one, in the answer
-                    ok = False
-            else:
-                ok = normalise(ans) == normalise(it["answer"])
-            scores.setdefault(it["kind"], []).append(float(ok))
-    return {k: sum(v) / len(v) for k, v in scores.items()}
-
-
 REFER_OUTCOMES = ("right", "imprecise", "wrong object", "no box")
 
 
@@ -83,3 +58,32 @@ def refer_outcome(answer: str, scene, box) -> str:
         return "right"
     others = [W.iou(got, o.bbox) for o in scene.objects if tuple(o.bbox) != tuple(box)]
     return "imprecise" if truth > 0 and truth >= max(others, default=0.0) else "wrong object"
+
+
+@torch.no_grad()
+def evaluate_shapes(model, n_scenes: int = 60, seed: int = 0, batch_size: int = 32,
+                    refer_outcomes: Counter | None = None) -> dict:
+    """Accuracy per question kind (exact match after VQA's normalisation) and the share of boxes with IoU > 0.5.
+    `refer_outcomes`, if given, counts each [refer] answer's `refer_outcome`."""
+    tok = load_tokenizer()
+    items = eval_items(n_scenes, seed)
+    size = model.cfg.vision.img_size
+    device = next(model.phi.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    scores: dict[str, list[float]] = {}
+    for k in range(0, len(items), batch_size):
+        chunk = items[k:k + batch_size]
+        pixels = torch.stack([preprocess(W.render(it["scene"]), size) for it in chunk]).to(device, dtype=dtype)
+        answers = greedy_generate(model, tok, [PROMPT.format(it["question"]) for it in chunk], pixels=pixels,
+                                  max_new_tokens=24)
+        for it, ans in zip(chunk, answers):
+            if it["kind"] == "refer_iou50":
+                outcome = refer_outcome(ans, it["scene"], it["box"])
+                ok = outcome == "right"
+                if refer_outcomes is not None:
+                    refer_outcomes[outcome] += 1
+            else:
+                ok = normalise(ans) == normalise(it["answer"])
+            scores.setdefault(it["kind"], []).append(float(ok))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
